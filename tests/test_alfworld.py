@@ -1,0 +1,155 @@
+"""ALFWorld on the real engine: generated games, splits, the expert, the environment contract."""
+import json
+import os
+import random
+
+import pytest
+from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
+from textworld import EnvInfos
+from textworld.envs.pddl import PddlEnv
+
+import envs
+import worlds
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    """A session-shared OPID_CACHE with tiny generated splits (6 train, 6 eval games)."""
+    folder = tmp_path_factory.getbasetemp() / "opid_alfworld_small"
+    saved = os.environ.get("OPID_CACHE")
+    os.environ["OPID_CACHE"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("OPID_CACHE", None)
+    else:
+        os.environ["OPID_CACHE"] = saved
+
+
+@pytest.fixture(scope="module")
+def splits(small_cache):
+    return worlds.ensure_split("train", 6), worlds.ensure_split("eval", 6, train_games=6)
+
+
+def test_generator_is_deterministic(tmp_path):
+    a = worlds._make_game(("t", 0, "pick_two_obj_and_place", str(tmp_path / "a")))
+    b = worlds._make_game(("t", 0, "pick_two_obj_and_place", str(tmp_path / "b")))
+    assert a == b
+    for name in ("game.tw-pddl", "traj_data.json"):
+        assert (tmp_path / "a" / a["dir"] / name).read_bytes() == (tmp_path / "b" / b["dir"] / name).read_bytes()
+    # a different seed is a different game
+    assert worlds.draw_game(1, "pick_and_place")["pddl_problem"] != worlds.draw_game(2, "pick_and_place")["pddl_problem"]
+    assert worlds.draw_game(7, "pick_and_place") == worlds.draw_game(7, "pick_and_place")
+
+
+def test_drawn_games_follow_alfred_rules():
+    for seed in range(12):
+        for task_type in worlds.TASK_TYPES:
+            game = worlds.draw_game(seed, task_type)
+            assert 8 <= game["n_receptacles"] <= 30
+            params = game["traj_data"]["pddl_params"]
+            assert set(params) == {"object_target", "parent_target", "mrecep_target", "toggle_target", "object_sliced"}
+            assert game["traj_data"]["task_type"] == worlds.TASK_TYPES[task_type]
+            problem = game["pddl_problem"]
+            assert "#" not in problem and problem.count("(") == problem.count(")")
+            if task_type == "look_at_obj_in_light":
+                assert params["toggle_target"] == "DeskLamp" and "(toggleable DeskLamp_bar_" in problem
+            if task_type == "pick_clean_then_place":
+                assert "_bar_SinkBasin - receptacle" in problem
+
+
+def test_splits_disjoint_and_cover_all_types(splits):
+    train_dir, eval_dir = splits
+    train = json.loads((train_dir / "manifest.json").read_text())["games"]
+    evals = json.loads((eval_dir / "manifest.json").read_text())["games"]
+    assert [g["task_type"] for g in evals] == list(worlds.TASK_TYPES)   # slot i has type i mod 6
+    assert not {g["fingerprint"] for g in train} & {g["fingerprint"] for g in evals}
+    problems = lambda d: {json.loads(p.read_text())["pddl_problem"] for p in worlds.game_files(d)}
+    assert not problems(train_dir) & problems(eval_dir)
+    assert len(worlds.game_files(train_dir)) == 6 and not list(train_dir.parent.glob(".*tmp-*"))
+
+
+def test_generation_redraws_excluded_games(splits, tmp_path):
+    train_dir, _ = splits
+    first = json.loads((train_dir / "manifest.json").read_text())["games"][0]
+    records = worlds.generate_split("train", 1, tmp_path / "x", exclude={first["fingerprint"]},
+                                    workers=1, progress=False)
+    assert records[0]["fingerprint"] != first["fingerprint"]
+    assert (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_every_generated_game_is_expert_solvable(splits):
+    for folder in splits:
+        for game in json.loads((folder / "manifest.json").read_text())["games"]:
+            assert game["expert_steps"] <= worlds.EXPERT_STEPS
+            steps = worlds.expert_solves(folder / game["dir"] / "game.tw-pddl")
+            assert steps == game["expert_steps"]          # replay gives the same expert run
+
+
+def test_expert_wins_every_task_type_with_reward_10(splits):
+    env = envs.AlfWorldEnv(split="eval", n_games=6, train_games=6, think=False)
+    seen = set()
+    for task in range(env.num_tasks()):
+        obs, info = env.reset(task)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, done, info = env.step(f"<action>{env.expert_action()}</action>")
+            assert info["action_valid"]
+            total += reward
+        assert info["won"] and total == 10.0 and info["score"] == 1.0 and reward == 10.0
+        seen.add(info["task_type"])
+    assert seen == set(worlds.TASK_TYPES)
+
+
+def test_batched_reset_groups_share_a_task(splits):
+    copies = [envs.AlfWorldEnv(split="train", n_games=6, think=True) for _ in range(6)]
+    infos = [env.reset(task)[1] for env, task in zip(copies, [0, 0, 0, 3, 3, 3])]
+    assert len({i["task"] for i in infos[:3]}) == 1 and len({i["task"] for i in infos[3:]}) == 1
+    assert infos[0]["task"] != infos[3]["task"]
+    assert len({i["anchor_obs"] for i in infos[:3]}) == 1
+    keys = {"won", "action_valid", "invalid_reason", "action", "admissible_actions", "task_type",
+            "anchor_obs", "expert_action", "task", "score", "privileged"}
+    assert all(set(i) == keys for i in infos)
+    # copies of a group stepped with the same actions stay identical; the expert is per copy
+    rng = random.Random(0)
+    for _ in range(5):
+        action = rng.choice(copies[0].admissible_actions())
+        outs = [env.step(f"<think>t</think><action>{action}</action>") for env in copies[:3]]
+        assert len({o[0] for o in outs}) == 1 and len({o[3]["expert_action"] for o in outs}) == 1
+
+
+def test_cached_command_text_equals_stock_engine(splits):
+    game_file = str(worlds.game_files(splits[0])[5])
+    stock = AlfredDemangler(PddlEnv(EnvInfos(admissible_commands=True, won=True)), shuffle=False)
+    fast = AlfredDemangler(envs.CachedPddlEnv(EnvInfos(admissible_commands=True, won=True)), shuffle=False)
+    stock.load(game_file)
+    fast.load(game_file)
+    s1, s2 = stock.reset(), fast.reset()
+    rng = random.Random(3)
+    for _ in range(25):
+        assert s1["feedback"] == s2["feedback"]
+        assert s1["admissible_commands"] == s2["admissible_commands"]
+        command = rng.choice(s1["admissible_commands"])
+        s1, _, _ = stock.step(command)
+        s2, _, _ = fast.step(command)
+
+
+def test_pick_two_fix_tracks_put():
+    expert = envs.PutTrackingExpert(max_steps=50)
+
+    class Policy:
+        def act(self, game_state, last_action):
+            self.seen = last_action
+            return "look"
+
+    expert.policy = Policy()
+    expert.act({"admissible_commands": ["look"]}, 0, False, "move apple 1 to countertop 1")
+    assert expert.policy.seen == "put apple 1 to countertop 1"
+    expert.act({"admissible_commands": ["look"]}, 0, False, "go to fridge 1")
+    assert expert.policy.seen == "go to fridge 1"
+
+
+def test_make_env_and_unknown_name(splits):
+    env = envs.make_env("alfworld", split="eval", n_games=6, train_games=6, history_length=3, max_steps=50)
+    assert isinstance(env, envs.AlfWorldEnv) and env.max_steps == 50 and env.answer_tags == ("action",)
+    with pytest.raises(ValueError):
+        envs.make_env("nethack")
