@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,11 @@ def _translate(domain: str, problem: str):
     if key not in _TRANSLATIONS:
         if len(_TRANSLATIONS) >= 64:
             _TRANSLATIONS.pop(next(iter(_TRANSLATIONS)))
-        _TRANSLATIONS[key] = fast_downward.pddl2sas(domain, problem, verbose=False)
+        saved_argv = sys.argv[:]  # fast-downward's translator overwrites sys.argv; give it back
+        try:
+            _TRANSLATIONS[key] = fast_downward.pddl2sas(domain, problem, verbose=False)
+        finally:
+            sys.argv[:] = saved_argv
     return _TRANSLATIONS[key]
 
 

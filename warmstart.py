@@ -1,0 +1,120 @@
+"""The `tiny` agent: a few-million-parameter Qwen2-style model warm-started by behaviour cloning.
+
+Why it exists: real instruct LLMs cannot be downloaded here, and a randomly initialised model
+never wins an episode, so RL would have nothing to work with. Like an instruct model, the tiny
+agent should start weak but not hopeless, and — the part OPID relies on — it should *read hints
+in its prompt*, the stand-in for the instruction following a real LLM brings.
+
+Recipe (deterministic, cached under cache_dir("models", "tiny-<env>-v<N>")):
+1. Play the train split with a noisy expert (the expert's action, or with probability
+   `noise` a random admissible one); every step's target is the EXPERT's action at that state.
+2. Analyze each of these episodes with the same rule-based analyzer the trainer uses and, for a
+   share of the steps, also emit a copy of the example whose prompt carries the routed skill in
+   the exact OPID injection format (§5–§6). The target stays the expert's action: a workflow or a
+   "take X now" hint points at it, an avoidance rule warns against the noisy detour.
+3. Train a byte-level BPE tokenizer on this text, build the model, clone for a few epochs.
+The number of cloning epochs is small on purpose: the agent should leave room for RL.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import opid
+import policy
+import skills
+from envs import cache_dir, make_env
+
+VERSION = 1  # bump when the recipe changes: the cache folder name changes with it
+RECIPES = {  # per environment: episodes to play, behaviour noise, share of hinted copies, epochs, cap
+    "alfworld": dict(episodes=120, noise=0.3, hint_share=0.5, epochs=2, max_examples=3000),
+    "webshop": dict(episodes=300, noise=0.3, hint_share=0.5, epochs=2, max_examples=2000),
+    "search": dict(episodes=600, noise=0.3, hint_share=0.5, epochs=2, max_examples=2000),
+}
+# The tiny agent sees a shorter history than the paper's ALFWorld runs (H = 2, the GiGPO/GRPO
+# baselines' value, instead of 5): prompts of ~300 instead of ~470 tokens keep CPU runs short.
+TINY_HISTORY = {"alfworld": 2, "webshop": 2, "search": 4}
+MODEL_SIZE = dict(hidden_size=128, num_layers=2)
+
+
+def respond(env, action: str) -> str:
+    """The response text a tag-following agent without <think> writes for `action`."""
+    if action.lstrip().startswith("<"):
+        return action  # search QA's oracle already answers in tagged form
+    return f"<action>{action}</action>"
+
+
+def noisy_action(env, info: dict, rng: random.Random, noise: float) -> str:
+    expert = env.expert_action()
+    if rng.random() >= noise:
+        return expert
+    choices = [a for a in (info.get("admissible_actions") or []) if "<" not in a and a != expert]
+    if env.name == "search":
+        words = [w for w in env.task.split() if len(w) > 3]
+        return f"<search>{rng.choice(words) if words else 'unknown'}</search>"
+    return rng.choice(choices) if choices else expert
+
+
+def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt text, response text) pairs from noisy-expert play, with hinted copies (see module doc)."""
+    rng = random.Random(seed)
+    env = make_env(env_name, split="train", think=False, history_length=TINY_HISTORY[env_name])
+    analyzer = skills.RuleBasedAnalyzer()
+    k = {"alfworld": 5, "webshop": 5, "search": 2}[env_name]
+    examples = []
+    for episode in range(episodes):
+        _, info = env.reset(episode % env.num_tasks())
+        steps, records, done = [], [], False
+        while not done:
+            prompt, target = env.prompt(), respond(env, env.expert_action())
+            taken = respond(env, noisy_action(env, info, rng, noise))
+            observation = info.get("anchor_obs", "")
+            _, reward, done, info = env.step(taken)
+            records.append((prompt, target))
+            steps.append((info.get("anchor_obs", observation), taken, info.get("action", ""), bool(info["action_valid"]),
+                          float(reward)))
+        examples.extend(records)
+        returns = opid.discounted_returns([r for *_, r in steps], 0.95)
+        view = skills.TrajectoryView(
+            env_name=env.name, task=env.task, task_type=info.get("task_type", ""), won=bool(info.get("won")),
+            episode_reward=sum(r for *_, r in steps),
+            steps=[skills.StepView(index=t, observation=o, response=resp, action=a, valid=v, reward=r,
+                                   discounted_return=g) for t, ((o, resp, a, v, r), g) in enumerate(zip(steps, returns))])
+        parsed = analyzer.analyze(view, k)
+        for t, (prompt, target) in enumerate(records):
+            if rng.random() < hint_share:
+                episode_text, step_text = skills.route(t, parsed, "step_priority")
+                examples.append((skills.inject_skills(prompt, episode_text, step_text), target))
+    return examples
+
+
+def tiny_agent_folder(env_name: str, rebuild: bool = False) -> Path:
+    """Folder of the warm-started tiny agent for `env_name`; built (a few minutes) on first use."""
+    folder = cache_dir("models") / f"tiny-{env_name}-v{VERSION}"
+    if (folder / "warmstart.json").exists() and not rebuild:
+        return folder
+    recipe = RECIPES[env_name]
+    start = time.perf_counter()
+    print(f"[warmstart] building the tiny {env_name} agent in {folder} (once; cached afterwards)")
+    examples = demonstrations(env_name, recipe["episodes"], recipe["noise"], recipe["hint_share"])
+    random.Random(0).shuffle(examples)
+    examples = examples[:recipe["max_examples"]]
+    print(f"[warmstart] {len(examples)} cloning examples from {recipe['episodes']} noisy-expert episodes "
+          f"({time.perf_counter() - start:.0f}s)")
+    tokenizer = policy.train_tiny_tokenizer([p for p, _ in examples] + [r for _, r in examples])
+    model = policy.build_tiny_model(tokenizer, **MODEL_SIZE)
+    losses = policy.behaviour_clone(model, tokenizer, examples, epochs=recipe["epochs"], lr=1e-3, batch_size=16,
+                                    seed=0, log_every=50)
+    tmp = folder.with_name(folder.name + ".tmp")
+    policy.save_policy(model, tokenizer, tmp)
+    (tmp / "warmstart.json").write_text(json.dumps({
+        "env": env_name, "recipe": recipe, "model_size": MODEL_SIZE, "examples": len(examples),
+        "final_loss": losses[-1] if losses else None, "build_seconds": time.perf_counter() - start}, indent=1))
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    print(f"[warmstart] done in {time.perf_counter() - start:.0f}s")
+    return folder
