@@ -181,7 +181,8 @@ def load_model(cfg: Config, device: torch.device, checkpoint: Path | None = None
 def build_analyzer(cfg: Config, model, tokenizer):
     """OPID_SPEC §4: who writes the skills."""
     if cfg.analyzer == "rule":
-        return skills.RuleBasedAnalyzer()
+        import rule_analyzer
+        return rule_analyzer.RuleBasedAnalyzer()
     if cfg.analyzer == "openai":
         return skills.OpenAIChatAnalyzer(base_url=cfg.analyzer_url or None, model=cfg.analyzer_model or None)
     if cfg.analyzer == "policy":

@@ -61,7 +61,8 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
     """(prompt text, response text) pairs from noisy-expert play, with hinted copies (see module doc)."""
     rng = random.Random(seed)
     env = make_env(env_name, split="train", think=False, history_length=TINY_HISTORY[env_name])
-    analyzer = skills.RuleBasedAnalyzer()
+    import rule_analyzer
+    analyzer = rule_analyzer.RuleBasedAnalyzer()
     k = {"alfworld": 5, "webshop": 5, "search": 2}[env_name]
     examples = []
     for episode in range(episodes):

@@ -1,0 +1,180 @@
+"""eval.py: run comparison (tables, grouping by label, curves), seed aggregation, model and
+baseline evaluation through the CLI. Numbers in the asserts are computed by hand."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import eval as ev
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_run(folder: Path, lines: list) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return folder
+
+
+def ev_line(updates, env_steps, success, score=0.0):
+    return {"kind": "eval", "updates": updates, "env_steps": env_steps, "eval/success_rate": success,
+            "eval/mean_score": score, "eval/per_task_type": {}}
+
+
+def train_line(updates, env_steps, success, seconds):
+    return {"kind": "train", "updates": updates, "env_steps": env_steps, "success_rate": success,
+            "time/iteration_s": seconds}
+
+
+@pytest.fixture
+def fake_runs(tmp_path):
+    a = write_run(tmp_path / "opid-s0", [ev_line(0, 0, 0.2), train_line(1, 100, 0.25, 10.0),
+                                         train_line(2, 220, 0.5, 12.0), ev_line(2, 220, 0.6)])
+    b = write_run(tmp_path / "opid-s1", [ev_line(0, 0, 0.1), train_line(1, 90, 0.125, 11.0),
+                                         '{"kind": "train", "updates": 2, "env_st',  # cut by a kill
+                                         train_line(2, 180, 0.75, 13.0), ev_line(2, 180, 0.8), "not json"])
+    c = write_run(tmp_path / "grpo-s0", [ev_line(0, 0, 0.2), train_line(1, 120, 0.0, 9.0), ev_line(1, 120, 0.3)])
+    return [str(a), str(b), str(c)]
+
+
+def test_compare_groups_runs_by_label_mean_and_sample_std(fake_runs, capsys):
+    groups = ev.compare_runs(fake_runs, ["opid", "opid", "grpo"])
+    assert list(groups) == ["opid", "grpo"]
+    opid = groups["opid"]["final"]
+    # final eval success 0.6 and 0.8 → mean 0.7, sample std sqrt(2·0.1²/1) = 0.14142
+    assert opid["final_eval_success"]["mean"] == pytest.approx(0.7)
+    assert opid["final_eval_success"]["std"] == pytest.approx(math.sqrt(0.02))
+    assert opid["final_train_success"]["mean"] == pytest.approx(0.625)   # (0.5 + 0.75) / 2
+    assert opid["env_steps"]["mean"] == pytest.approx(200.0)              # (220 + 180) / 2
+    assert opid["updates"]["mean"] == 2
+    assert opid["wall_time_s"]["values"] == [22.0, 24.0]                 # broken line not counted
+    grpo = groups["grpo"]["final"]
+    assert grpo["final_eval_success"]["mean"] == pytest.approx(0.3) and grpo["final_eval_success"]["std"] == 0.0
+    # the curve aligns runs by update count: at update 2, env steps (220+180)/2, success 0.7
+    curve = groups["opid"]["curve"]
+    assert [p["updates"] for p in curve] == [0, 2]
+    assert curve[0]["mean"] == pytest.approx(0.15) and curve[1]["env_steps"] == pytest.approx(200.0)
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "skipped 2 broken line(s)" in err and "opid-s1" in err
+
+
+def test_compare_cli_prints_table_and_writes_png(fake_runs, tmp_path, capsys):
+    png, md = tmp_path / "plots" / "curves.png", tmp_path / "cmp.md"
+    ev.main(["--compare", *fake_runs, "--labels", "opid", "opid", "grpo", "--plot", str(png), "--md", str(md)])
+    table = capsys.readouterr().out
+    opid_row = next(l for l in table.splitlines() if l.startswith("| opid |"))
+    assert "| 2 |" in opid_row and "0.700 ± 0.141" in opid_row and "0.625 ± 0.177" in opid_row
+    assert "200 ± 28" in opid_row and "23 ± 1" in opid_row  # env steps; wall time 22 s / 24 s
+    grpo_row = next(l for l in table.splitlines() if l.startswith("| grpo |"))
+    assert "0.300" in grpo_row and "±" not in grpo_row
+    assert md.read_text().strip() == table.strip()
+    assert png.exists() and png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_without_matplotlib_prints_table_only(fake_runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    png = tmp_path / "curves.png"
+    result = ev.main(["--compare", *fake_runs, "--plot", str(png)])
+    captured = capsys.readouterr()
+    assert "| opid-s0 |" in captured.out and "matplotlib is not installed" in captured.err
+    assert result["plot"] is None and not png.exists()
+
+
+def test_compare_errors(tmp_path, fake_runs):
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        ev.compare_runs([str(tmp_path)])
+    with pytest.raises(SystemExit, match="2 labels for 3 runs"):
+        ev.compare_runs(fake_runs, ["a", "b"])
+
+
+def test_seed_aggregation_by_hand():
+    stubs = [{"episodes": 4, "success_rate": 0.5, "per_task_type": {"a": 1.0, "b": 0.0}},
+             {"episodes": 4, "success_rate": 0.7, "per_task_type": {"a": 0.5}},
+             {"episodes": 4, "success_rate": 0.9, "per_task_type": {"a": 0.0, "b": 1.0}}]
+    agg = ev.aggregate(stubs)
+    # mean 0.7; sample std sqrt((0.04 + 0 + 0.04) / 2) = 0.2
+    assert agg["success_rate"]["mean"] == pytest.approx(0.7) and agg["success_rate"]["std"] == pytest.approx(0.2)
+    assert agg["per_task_type/a"]["mean"] == pytest.approx(0.5) and agg["per_task_type/a"]["std"] == pytest.approx(0.5)
+    assert agg["per_task_type/b"]["n"] == 2 and agg["per_task_type/b"]["std"] == pytest.approx(math.sqrt(0.5))
+    assert ev.mean_std([0.3]) == (0.3, 0.0)
+    assert ev.fmt(0.7, 0.2, 3) == "0.700 ± 0.200" and ev.fmt(None) == "—"
+
+
+def test_summarize_search_em_per_source():
+    recs = [dict(task_type="nq", won=True, score=1.0, steps=2, invalid=0, reward=1.0),
+            dict(task_type="nq", won=False, score=0.0, steps=4, invalid=1, reward=0.0),
+            dict(task_type="hotpotqa", won=True, score=1.0, steps=3, invalid=0, reward=1.0)]
+    s = ev.summarize(recs, "search")
+    assert s["per_data_source"] == {"hotpotqa": 1.0, "nq": 0.5}
+    assert s["em_average"] == pytest.approx(0.75) and s["success_rate"] == pytest.approx(2 / 3)
+    assert s["invalid_rate"] == pytest.approx(1 / 9) and s["mean_steps"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("env_name", ["search", "webshop"])
+def test_expert_policy_still_wins(env_name):
+    result = ev.main(["--env", env_name, "--policy", "expert", "--episodes", "3"])
+    assert result["per_seed"]["0"]["success_rate"] == 1.0 and result["per_seed"]["0"]["episodes"] == 3
+    assert result["aggregate"]["mean_score"]["mean"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A random-initialised tiny model (it never wins, but exercises the whole model path)."""
+    import policy
+    from envs import make_env
+    env = make_env("search", split="train", think=False, history_length=4, max_steps=2)
+    texts = []
+    for i in range(6):
+        env.reset(i)
+        texts += [env.prompt(), env.expert_action()]
+    tokenizer = policy.train_tiny_tokenizer(texts, vocab_size=1024)
+    model = policy.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128)
+    return policy.save_policy(model, tokenizer, tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_checkpoint_cli_writes_per_source_json(tiny_folder, tmp_path):
+    out, md = tmp_path / "res.json", tmp_path / "res.md"
+    proc = subprocess.run(
+        [sys.executable, "eval.py", "--checkpoint", str(tiny_folder), "--env", "search", "--episodes", "4",
+         "--max-steps", "2", "--no-think", "--max-new-tokens", "6", "--seeds", "0", "1", "--out", str(out),
+         "--md", str(md)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["settings"]["decoding"] == "T=0.4" and result["settings"]["env_kwargs"]["max_steps"] == 2
+    assert result["settings"]["env_kwargs"]["history_length"] == 4 and result["settings"]["max_new_tokens"] == 6
+    for seed in ("0", "1"):
+        summary = result["per_seed"][seed]
+        assert summary["episodes"] == 4 and set(summary["per_data_source"]) == {"synthetic_multi", "synthetic_single"}
+        assert 1.0 <= summary["mean_steps"] <= 2.0 and len(result["records"][seed]) == 4
+    assert result["aggregate"]["per_data_source/synthetic_single"]["n"] == 2
+    assert "EM synthetic_multi" in md.read_text() and "| seed 1 |" in md.read_text()
+
+
+def test_run_folder_loads_config_and_checkpoint(tiny_folder, tmp_path):
+    import shutil
+
+    import train
+    run = tmp_path / "runs" / "r"
+    with pytest.raises(SystemExit, match="no such folder"):
+        ev.main(["--run", str(run)])
+    run.mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no config.json"):
+        ev.main(["--run", str(run)])
+    cfg = train.Config(env="search", model="tiny", max_steps=1, max_new_tokens=4, think=False)
+    (run / "config.json").write_text(json.dumps(train.dataclasses.asdict(cfg)))
+    with pytest.raises(SystemExit, match="no checkpoint/model"):
+        ev.main(["--run", str(run)])
+    shutil.copytree(tiny_folder, run / "checkpoint" / "model")
+    result = ev.main(["--run", str(run), "--episodes", "2", "--greedy", "--max-steps", "3"])  # flag ignored
+    assert result["settings"]["source"]["kind"] == "run" and result["settings"]["decoding"] == "greedy"
+    assert result["settings"]["env_kwargs"] == {"history_length": 4, "max_steps": 1, "think": False}
+    assert result["per_seed"]["0"]["mean_steps"] == 1.0 and "per_data_source" in result["per_seed"]["0"]
+
+
+def test_bad_env_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        ev.main(["--env", "minecraft"])
+    assert "invalid choice: 'minecraft'" in capsys.readouterr().err
