@@ -2,7 +2,7 @@
 
     python bench.py env --env alfworld --batch 16 --steps 200
     python bench.py generate --model tiny --batch 8 --new-tokens 64 --repeats 3
-    python bench.py opid-cost --iters 2 --tasks-per-batch 2 --group-size 4
+    python bench.py opid-cost --iters 2 --tasks-per-batch 2 --group-size 4 --max-steps 15
 
 `generate`: rollout-engine throughput (`policy.generate`, which also records log π_old per token)
 against a bare `model.generate` on the same prompts, and the update's forward+backward tokens/s.
@@ -175,8 +175,8 @@ def bench_generate(model_name: str, batch: int, new_tokens: int, repeats: int, t
     gens = None
     times = {"engine": [], "bare": [], "update": []}
     with eos_suppressed(inner, eos):
-        engine(4), bare(4)  # warm-up (allocator, kernels), untimed
-        gens = engine(new_tokens)  # the responses the update pass scores
+        bare(new_tokens)  # full-length warm-up of both paths (allocator, kernels), untimed;
+        gens = engine(new_tokens)  # the engine's warm-up responses are what the update pass scores
     responses = [g.response_ids for g in gens]
     old = torch.tensor([g.logprobs for g in gens])
     gen_adv = torch.Generator().manual_seed(seed)
@@ -333,7 +333,8 @@ def print_opid_cost(r: dict) -> None:
         m, p = med[v], r["passes"][v]
         print(f"{v[0] + ' ' + (v[1] if v[0] == 'opid' else ''):22s} {m['analysis']:12.3f} {m['teacher']:8.3f} "
               f"{m['update']:8.3f} {m['learn']:8.3f} {m['learn'] + rs['rollout_s']:9.3f} {p['passes']:7d} "
-              f"{p['routed_samples']:7d} {p['prompt_tokens'] + p['response_tokens']:>13d} ({p['response_tokens']})")
+              f"{p['routed_samples']:7d} {p['prompt_tokens'] + p['response_tokens']:>13d} ({p['response_tokens']})"
+              f"   learn per repeat: " + " ".join(f"{t:.2f}" for t in r["results"][v]["learn"]))
     grpo = med[VARIANTS[0]]["learn"]
     for v in VARIANTS[1:]:
         learn = med[v]["learn"]
@@ -365,7 +366,8 @@ def main(argv=None) -> None:
     p_cost.add_argument("--iters", type=int, default=2, help="timed repeats of each variant (order alternated)")
     p_cost.add_argument("--tasks-per-batch", type=int, default=2)
     p_cost.add_argument("--group-size", type=int, default=4)
-    p_cost.add_argument("--max-steps", type=int, default=None, help="episode cap (default: ALFWorld's 30)")
+    p_cost.add_argument("--max-steps", type=int, default=15,
+                        help="episode cap (15 keeps the default run short; 0: ALFWorld's 30 as in training)")
     for p in (p_gen, p_cost):
         p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -379,7 +381,8 @@ def main(argv=None) -> None:
         print(machine_note())
     elif args.command == "opid-cost":
         print(machine_note())
-        print_opid_cost(bench_opid_cost(args.iters, args.tasks_per_batch, args.group_size, args.max_steps, args.seed))
+        print_opid_cost(bench_opid_cost(args.iters, args.tasks_per_batch, args.group_size, args.max_steps or None,
+                                        args.seed))
         print(machine_note())
 
 

@@ -524,8 +524,11 @@ def make_env(name: str, **kwargs):
     if name == "alfworld":
         return AlfWorldEnv(**kwargs)
     if name == "webshop":
-        from webshop import WebShopEnv
-        return WebShopEnv(**kwargs)
+        from webshop import OfficialWebShopEnv, WebShopEnv
+        backend = kwargs.pop("backend", "sim")
+        if backend not in ("sim", "official"):
+            raise ValueError(f"unknown WebShop backend {backend!r}; expected 'sim' or 'official'")
+        return (OfficialWebShopEnv if backend == "official" else WebShopEnv)(**kwargs)
     if name == "search":
         from searchqa import SearchQAEnv
         return SearchQAEnv(**kwargs)

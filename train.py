@@ -47,20 +47,25 @@ class Config:
     out_dir: str = arg("runs", "folder holding the runs")
     resume: str = arg("", "path of a run folder to continue from its last checkpoint")
     seed: int = arg(0, "seed of task sampling, generation and initialisation (CPU runs repeat exactly)")
-    iters: int = arg(10, "training iterations (one rollout batch + one PPO update each)")
+    iters: int = arg(5, "training iterations (one rollout batch + one PPO update each)")
     save_every: int = arg(5, "checkpoint every k iterations (and always at the end)")
     eval_every: int = arg(0, "evaluate every k iterations (0: only before the first and after the last)")
-    eval_episodes: int = arg(60, "episodes per evaluation on the eval split (0: no evaluation)")
+    eval_episodes: int = arg(30, "episodes per evaluation on the eval split (0: no evaluation)")
     eval_temperature: float = arg(0.4, "sampling temperature of evaluation (the paper's validation setting)")
     eval_greedy: bool = arg(False, "evaluate with greedy decoding instead of T=eval_temperature sampling")
     # --- environment (None = the environment's default from OPID_SPEC §9) ---
     env: str = arg("alfworld", "environment: alfworld | webshop | search")
-    tasks_per_batch: int = arg(4, "B: task groups per iteration")
-    group_size: int = arg(8, "N: rollouts per task (the GRPO group)")
+    tasks_per_batch: int = arg(2, "B: task groups per iteration (CPU-sized; the paper: 16, search 128)")
+    group_size: int = arg(4, "N: rollouts per task, the GRPO group (CPU-sized; the paper: 8)")
     max_steps: int | None = arg(None, "max environment steps per episode (alfworld 30, webshop 15, search 4)")
     history_length: int | None = arg(None, "H: past (observation, action) pairs in the prompt (5 / 2 / 4)")
     think: bool | None = arg(None, "ask for <think> reasoning before the action (default: off for tiny, on otherwise)")
     invalid_penalty: float | None = arg(None, "score penalty per invalid step (0.1 / 0.1 / 0.01)")
+    webshop_backend: str = arg("sim", "WebShop: sim (offline simulator) | official (web_agent_site, see webshop.py)")
+    search_retriever: str = arg("bm25", "search QA: bm25 (in-process over the corpus) | server (Search-R1 /retrieve)")
+    retrieval_url: str = arg("http://127.0.0.1:8000/retrieve", "search QA: retrieval server address")
+    qa_data: str = arg("synthetic", "search QA data: synthetic | fanoutqa | hf:NAME[:CONFIG] | a JSONL/parquet path ({split} allowed)")
+    qa_corpus: str = arg("", "search QA: JSONL corpus {id,title,contents} for BM25 (default: the generated one)")
     alfworld_games: int = arg(0, "generated ALFWorld games per split (0: 240 train / 60 eval; small = quick tests)")
     # --- model ---
     model: str = arg("tiny", "tiny | smollm2 | a Hugging Face hub id | a local model folder")
@@ -198,6 +203,11 @@ def env_kwargs(cfg: Config) -> dict:
     kwargs = dict(history_length=cfg.history_length, max_steps=cfg.max_steps, think=cfg.think)
     if cfg.env == "alfworld" and cfg.alfworld_games > 0:
         kwargs.update(n_games=cfg.alfworld_games, train_games=cfg.alfworld_games)
+    if cfg.env == "webshop" and cfg.webshop_backend != "sim":
+        kwargs.update(backend=cfg.webshop_backend)
+    if cfg.env == "search":
+        kwargs.update(data=cfg.qa_data, retriever=cfg.search_retriever, retrieval_url=cfg.retrieval_url,
+                      corpus_path=cfg.qa_corpus or None)
     return kwargs
 
 
@@ -291,7 +301,7 @@ def ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, dis
                 idx = minibatch[mc_start:mc_start + cfg.micro_batch_size]
                 logp, _, entropy = policy.response_logprobs(
                     model, [samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx],
-                    micro_batch_size=len(idx), with_entropy=cfg.entropy_coef > 0, requires_grad=True)
+                    micro_batch_size=len(idx), with_entropy=True, requires_grad=True)
                 width = logp.shape[1]
                 m, a, o = mask[idx, :width], advantages[idx, :width], old[idx, :width]
                 pg_loss, stats = opid.ppo_clip_loss(logp, o, a, m, cfg.clip_eps, cfg.dual_clip or None, num_tokens)
@@ -300,10 +310,10 @@ def ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, dis
                     kl = opid.token_mean(opid.k3_kl(logp, ref[idx, :width]), m, num_tokens)
                     loss = loss + cfg.kl_coef * kl
                     totals["kl"] += kl.item()
-                if entropy is not None:
-                    ent = opid.token_mean(entropy, m, num_tokens)
+                ent = opid.token_mean(entropy, m, num_tokens)  # logged always, in the loss when c_ent > 0
+                if cfg.entropy_coef > 0:
                     loss = loss - cfg.entropy_coef * ent
-                    totals["entropy"] += ent.item()
+                totals["entropy"] += ent.item()
                 if distill_teacher is not None:
                     rows = distill_rows[idx].float()[:, None]
                     loss = loss + cfg.distill_coef * opid.skill_sd_loss(

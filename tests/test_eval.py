@@ -170,7 +170,10 @@ def test_run_folder_loads_config_and_checkpoint(tiny_folder, tmp_path):
     shutil.copytree(tiny_folder, run / "checkpoint" / "model")
     result = ev.main(["--run", str(run), "--episodes", "2", "--greedy", "--max-steps", "3"])  # flag ignored
     assert result["settings"]["source"]["kind"] == "run" and result["settings"]["decoding"] == "greedy"
-    assert result["settings"]["env_kwargs"] == {"history_length": 4, "max_steps": 1, "think": False}
+    env_kwargs = result["settings"]["env_kwargs"]
+    assert {k: env_kwargs[k] for k in ("history_length", "max_steps", "think")} == \
+        {"history_length": 4, "max_steps": 1, "think": False}
+    assert env_kwargs["retriever"] == "bm25" and env_kwargs["data"] == "synthetic"
     assert result["per_seed"]["0"]["mean_steps"] == 1.0 and "per_data_source" in result["per_seed"]["0"]
 
 

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Small-scale CPU comparison with the tiny model: GRPO vs OPID (step_priority) vs the episode_only and
+# step_only routing ablations vs Skill-SD, SEEDS seeds each, the same iterations (so about the same
+# environment steps) for every method; then one table and the learning curves.
+#
+#   bash scripts/small_scale.sh                    # search QA, 3 seeds, 20 iterations (see README for wall time)
+#   ENV=alfworld ITERS=10 SEEDS="0" bash scripts/small_scale.sh
+#
+# Two runs at a time (one torch thread each) on a 2-core machine. Results: results/<env>/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ENV=${ENV:-search}
+ITERS=${ITERS:-20}
+SEEDS=${SEEDS:-"0 1 2"}
+EVAL_EVERY=${EVAL_EVERY:-5}
+EVAL_EPISODES=${EVAL_EPISODES:-200}
+BATCH=${BATCH:-"--tasks-per-batch 8 --group-size 8"}
+OUT=results/$ENV
+mkdir -p "$OUT" runs
+
+declare -A FLAGS=(
+  [grpo]="--algo grpo"
+  [opid]="--algo opid --routing step_priority"
+  [episode_only]="--algo opid --routing episode_only"
+  [step_only]="--algo opid --routing step_only"
+  [skill_sd]="--algo skill_sd"
+)
+METHODS="grpo opid episode_only step_only skill_sd"
+
+jobs_list=()
+for seed in $SEEDS; do
+  for method in $METHODS; do
+    jobs_list+=("$method $seed")
+  done
+done
+
+start=$(date +%s)
+run_one() {
+  local method=$1 seed=$2 name="$ENV-$1-s$2"
+  if [ -f "runs/$name/checkpoint/state.json" ] && grep -q "\"updates\": $ITERS" "runs/$name/checkpoint/state.json"; then
+    echo "skip $name (done)"; return
+  fi
+  OMP_NUM_THREADS=1 python train.py --env "$ENV" ${FLAGS[$method]} --seed "$seed" --iters "$ITERS" $BATCH \
+    --eval-every "$EVAL_EVERY" --eval-episodes "$EVAL_EPISODES" --save-every "$ITERS" --name "$name" \
+    > "$OUT/$name.log" 2>&1
+  echo "finished $name"
+}
+for ((i = 0; i < ${#jobs_list[@]}; i += 2)); do
+  run_one ${jobs_list[$i]} &
+  if [ $((i + 1)) -lt ${#jobs_list[@]} ]; then run_one ${jobs_list[$((i + 1))]} & fi
+  wait
+done
+
+runs=(); labels=()
+for method in $METHODS; do
+  for seed in $SEEDS; do runs+=("runs/$ENV-$method-s$seed"); labels+=("$method"); done
+done
+python eval.py --compare "${runs[@]}" --labels "${labels[@]}" --plot "$OUT/curves.png" --md "$OUT/table.md" --out "$OUT/table.json"
+echo "wall time: $(( $(date +%s) - start )) s"
