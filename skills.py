@@ -295,7 +295,7 @@ class OpenAIChatAnalyzer:
                 last = err
                 if err.code < 500 and err.code != 429:
                     break
-            except (TimeoutError, socket.timeout) as err:
+            except (TimeoutError, socket.timeout):
                 last = AnalyzerTimeout(f"no answer within {self.timeout}s")
             except urllib.error.URLError as err:
                 is_timeout = isinstance(err.reason, (TimeoutError, socket.timeout))

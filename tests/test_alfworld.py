@@ -1,6 +1,5 @@
 """ALFWorld on the real engine: generated games, splits, the expert, the environment contract."""
 import json
-import os
 import random
 
 import pytest
@@ -10,19 +9,6 @@ from textworld.envs.pddl import PddlEnv
 
 import envs
 import worlds
-
-
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory):
-    """A session-shared OPID_CACHE with tiny generated splits (6 train, 6 eval games)."""
-    folder = tmp_path_factory.getbasetemp() / "opid_alfworld_small"
-    saved = os.environ.get("OPID_CACHE")
-    os.environ["OPID_CACHE"] = str(folder)
-    yield folder
-    if saved is None:
-        os.environ.pop("OPID_CACHE", None)
-    else:
-        os.environ["OPID_CACHE"] = saved
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """Response parsing (envs.parse_response) and the ALFWorld prompt template (CONTRACT.md)."""
-import os
 import random
 
-import pytest
 
 import envs
 from envs import parse_response
@@ -78,19 +76,6 @@ def test_too_long_action_is_invalid():
 
 
 # ---- prompt template ------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory):
-    """A session-shared OPID_CACHE with tiny generated splits (6 train, 6 eval games)."""
-    folder = tmp_path_factory.getbasetemp() / "opid_alfworld_small"
-    saved = os.environ.get("OPID_CACHE")
-    os.environ["OPID_CACHE"] = str(folder)
-    yield folder
-    if saved is None:
-        os.environ.pop("OPID_CACHE", None)
-    else:
-        os.environ["OPID_CACHE"] = saved
-
 
 def make(small_cache, **kw):
     return envs.AlfWorldEnv(split="eval", n_games=6, train_games=6, **kw)

@@ -1,6 +1,5 @@
 """The training loop: Δ from real re-scoring, the all-failed group, and the real CLI end to end."""
 import json
-import os
 import signal
 import subprocess
 import sys
