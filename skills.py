@@ -31,6 +31,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+from opid import discounted_returns  # G_t (§2), shared with the trainer
+
 log = logging.getLogger(__name__)
 
 GAMMA = 0.95  # discount of the step return G_t shown to the analyzer (§2)
@@ -72,15 +74,6 @@ class Skills:
     episode_skill: str
     step_skills: dict[int, str] = field(default_factory=dict)  # step index -> one imperative sentence
     episode_summary: str = ""                                   # logging only
-
-
-def discounted_returns(rewards: list[float], gamma: float = GAMMA) -> list[float]:
-    """G_t = sum_{u>=t} gamma^(u-t) r_u (§2). Example: [0, 0, 10] -> [9.025, 9.5, 10]."""
-    out, running = [0.0] * len(rewards), 0.0
-    for t in range(len(rewards) - 1, -1, -1):
-        running = rewards[t] + gamma * running
-        out[t] = running
-    return out
 
 
 def make_trajectory_view(env_name: str, task: str, task_type: str, won: bool,

@@ -22,7 +22,6 @@ import random
 import time
 from pathlib import Path
 
-import opid
 import policy
 import skills
 from envs import cache_dir, make_env
@@ -77,12 +76,9 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
             steps.append((info.get("anchor_obs", observation), taken, info.get("action", ""), bool(info["action_valid"]),
                           float(reward)))
         examples.extend(records)
-        returns = opid.discounted_returns([r for *_, r in steps], 0.95)
-        view = skills.TrajectoryView(
-            env_name=env.name, task=env.task, task_type=info.get("task_type", ""), won=bool(info.get("won")),
-            episode_reward=sum(r for *_, r in steps),
-            steps=[skills.StepView(index=t, observation=o, response=resp, action=a, valid=v, reward=r,
-                                   discounted_return=g) for t, ((o, resp, a, v, r), g) in enumerate(zip(steps, returns))])
+        observations, responses, actions, valids, rewards = map(list, zip(*steps))
+        view = skills.make_trajectory_view(env.name, env.task, info.get("task_type", ""), bool(info.get("won")),
+                                           observations, responses, actions, valids, rewards)
         parsed = analyzer.analyze(view, k)
         for t, (prompt, target) in enumerate(records):
             if rng.random() < hint_share:

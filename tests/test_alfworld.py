@@ -139,3 +139,12 @@ def test_make_env_and_unknown_name(splits):
     assert isinstance(env, envs.AlfWorldEnv) and env.max_steps == 50 and env.answer_tags == ("action",)
     with pytest.raises(ValueError):
         envs.make_env("nethack")
+
+
+def test_engine_leaves_sys_argv_alone(splits, monkeypatch):
+    # fast-downward's PDDL translator overwrites sys.argv; a CLI reading it later must not notice
+    import sys
+    monkeypatch.setattr(sys, "argv", ["train.py", "--iters", "3"])
+    envs._TRANSLATIONS.clear()
+    envs.AlfWorldEnv(split="train", n_games=6, think=False).reset(1)
+    assert sys.argv == ["train.py", "--iters", "3"]

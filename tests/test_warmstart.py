@@ -1,0 +1,24 @@
+"""The tiny agent's cloning data: expert targets, and hinted copies in OPID's injection format."""
+import warmstart
+
+
+def test_demonstrations_have_expert_targets_and_hinted_copies():
+    examples = warmstart.demonstrations("search", episodes=12, noise=0.3, hint_share=0.5, seed=0)
+    plain = [(p, r) for p, r in examples if "Skill" not in p]
+    hinted = [(p, r) for p, r in examples if "Skill" in p]
+    assert plain and hinted
+    for prompt, response in examples:
+        # targets are the oracle's tagged responses, never the noisy detours' placeholders
+        assert response.startswith(("<search>", "<answer>")) and response.endswith(("</search>", "</answer>"))
+    for prompt, _ in hinted:
+        lines = prompt.splitlines()
+        question = next(i for i, line in enumerate(lines) if "Your question:" in line)
+        turn = next(i for i, line in enumerate(lines) if line.startswith("Now it's your turn"))
+        titles = [i for i, line in enumerate(lines) if "Skill" in line and line.rstrip().endswith(":")]
+        assert titles and all(question < i < turn for i in titles)  # both blocks between the two anchors
+    # every hinted copy repeats a plain example's target for the same un-hinted state
+    assert {r for _, r in hinted} <= {r for _, r in plain}
+
+
+def test_demonstrations_are_deterministic():
+    assert warmstart.demonstrations("search", 4, 0.3, 0.5, seed=1) == warmstart.demonstrations("search", 4, 0.3, 0.5, seed=1)
