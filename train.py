@@ -526,12 +526,16 @@ def main(cfg: Config) -> Path:
     num_train_tasks = envs[0].num_tasks()
     analyzer = build_analyzer(cfg, unwrapped, tokenizer) if cfg.algo in ("opid", "skill_sd", "rlsd", "skill_grpo") else None
 
+    num_eval_tasks = None
+
     def evaluate(tag: str) -> None:
+        nonlocal num_eval_tasks
         if cfg.eval_episodes <= 0 or not accelerator.is_main_process:
             return
-        eval_envs_num = make_env(cfg.env, split="eval", **env_kwargs(cfg)).num_tasks()
+        if num_eval_tasks is None:
+            num_eval_tasks = make_env(cfg.env, split="eval", **env_kwargs(cfg)).num_tasks()
         summary, _ = rollout.evaluate_policy(
-            unwrapped, tokenizer, lambda: make_env(cfg.env, split="eval", **env_kwargs(cfg)), eval_envs_num,
+            unwrapped, tokenizer, lambda: make_env(cfg.env, split="eval", **env_kwargs(cfg)), num_eval_tasks,
             episodes=cfg.eval_episodes, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
             greedy=cfg.eval_greedy, seed=cfg.seed)
         append_metrics(metrics_path, {"kind": "eval", "updates": state["updates"], "env_steps": state["env_steps"],
