@@ -46,7 +46,7 @@ class Config:
     name: str = arg("", "run name; the run lives in <out_dir>/<name> (default: <env>-<algo>-<model>-s<seed>)")
     out_dir: str = arg("runs", "folder holding the runs")
     resume: str = arg("", "path of a run folder to continue from its last checkpoint")
-    seed: int = arg(0, "seed of task sampling, generation and initialisation (CPU runs repeat exactly)")
+    seed: int = arg(0, "seed of task sampling, generation and initialisation")
     iters: int = arg(5, "training iterations (one rollout batch + one PPO update each)")
     save_every: int = arg(5, "checkpoint every k iterations (and always at the end)")
     eval_every: int = arg(0, "evaluate every k iterations (0: only before the first and after the last)")
