@@ -20,8 +20,11 @@ length from `warmstart.TINY_HISTORY`, no <think>, 24 new tokens; otherwise <thin
 pass `--no-think --max-new-tokens 24` for a checkpoint of a tiny run).
 
 Comparison reads each run's metrics.jsonl ("kind": "train" / "eval" lines), groups runs by
-`--labels` (default: the folder name) and prints final metrics as mean ± std per label; with
-`--plot` it draws eval success vs environment steps and vs updates (shaded band: ± std).
+`--labels` (default: the folder name) and prints final metrics as mean ± std per label, eval
+success at every evaluated budget, and sample efficiency: the environment steps each label needs
+to reach the `--reference` label's (GRPO's) final mean eval success, also as a fraction of the
+reference's own; with `--plot` it draws eval success vs environment steps and vs updates
+(shaded band: ± std).
 
 A baseline policy is a function `policy(prompts, envs) -> responses`: it gets the current prompt
 of every running copy (and the copies themselves, which the expert and random baselines read) and
@@ -424,6 +427,52 @@ def compare_table(groups: dict) -> str:
     return "\n".join(lines)
 
 
+def budget_table(groups: dict) -> str:
+    """Eval success (mean ± std over a label's seeds) at every evaluated update count: one column
+    per budget, headed by the update count and the mean environment steps spent to get there."""
+    budgets = sorted({p["updates"] for g in groups.values() for p in g["curve"]})
+    steps = {u: [p["env_steps"] for g in groups.values() for p in g["curve"] if p["updates"] == u] for u in budgets}
+    lines = ["| run |" + "".join(f" {u} updates ({sum(steps[u]) / len(steps[u]):,.0f} env steps) |" for u in budgets),
+             "|---|" + "---|" * len(budgets)]
+    for label, g in groups.items():
+        at = {p["updates"]: p for p in g["curve"]}
+        cells = [fmt(at[u]["mean"], at[u]["std"], at[u]["n"]) if u in at else "–" for u in budgets]
+        lines.append(f"| {label} |" + "".join(f" {c} |" for c in cells))
+    return "\n".join(lines)
+
+
+def steps_to_reach(curve: list[dict], target: float) -> float | None:
+    """Mean environment steps at the first evaluation whose mean success is ≥ `target` (None: never)."""
+    return next((p["env_steps"] for p in curve if p["mean"] >= target - 1e-9), None)
+
+
+def efficiency(groups: dict, reference: str) -> dict:
+    """Sample efficiency against `reference` (GRPO): the steps each label needs to reach the
+    reference's final mean eval success, and that as a fraction of the reference's own steps.
+    The fraction is None when the reference never rose above its first evaluation (0 steps)."""
+    if reference not in groups:
+        raise SystemExit(f"--reference {reference!r} is not one of the labels {list(groups)}")
+    curve = groups[reference]["curve"]
+    if not curve:
+        return {"reference": reference, "target": None, "steps": {}, "fraction": {}}
+    target = curve[-1]["mean"]
+    ref_steps = steps_to_reach(curve, target)
+    steps = {label: steps_to_reach(g["curve"], target) for label, g in groups.items()}
+    fraction = {label: (s / ref_steps if s is not None and ref_steps else None) for label, s in steps.items()}
+    return {"reference": reference, "target": target, "steps": steps, "fraction": fraction}
+
+
+def efficiency_table(eff: dict) -> str:
+    if eff["target"] is None:
+        return ""
+    lines = [f"Environment steps to reach {eff['reference']}'s final mean eval success ({eff['target']:.3f}):", "",
+             f"| run | env steps | × {eff['reference']}'s |", "|---|---|---|"]
+    for label, s in eff["steps"].items():
+        f = eff["fraction"][label]
+        lines.append(f"| {label} | {'not reached' if s is None else f'{s:,.0f}'} | {'–' if f is None else f'{f:.2f}'} |")
+    return "\n".join(lines)
+
+
 def plot_curves(groups: dict, path: str) -> bool:
     """Eval success vs env steps (left) and vs updates (right), one line per label, ± std band.
     Returns False (with a message) when matplotlib is missing."""
@@ -484,6 +533,8 @@ def main(argv=None) -> dict:
     what.add_argument("--compare", nargs="+", default=None, metavar="RUN", help="compare these run folders")
     what.add_argument("--labels", nargs="+", default=None, help="--compare: one label per run (same label = seeds)")
     what.add_argument("--plot", default=None, help="--compare: write learning curves to this PNG")
+    what.add_argument("--reference", default=None,
+                      help="--compare: label the sample efficiency is measured against (default grpo, else the first)")
     env = parser.add_argument_group("environment (ignored with --run)")
     env.add_argument("--env", default=None, choices=ENVS, help="environment (default alfworld)")
     env.add_argument("--split", default="eval", help="task split (train | eval)")
@@ -508,11 +559,14 @@ def main(argv=None) -> dict:
 
     if args.compare:
         groups = compare_runs(args.compare, args.labels)
-        table = compare_table(groups)
+        reference = args.reference or ("grpo" if "grpo" in groups else next(iter(groups)))
+        eff = efficiency(groups, reference)
+        table = "\n\n".join(t for t in (compare_table(groups), "Eval success at each budget (mean ± std over seeds):\n\n"
+                                          + budget_table(groups), efficiency_table(eff)) if t)
         print(table)
         write_text(args.md, table + "\n")
         plotted = plot_curves(groups, args.plot) if args.plot else False
-        result = {"groups": groups, "plot": args.plot if plotted else None}
+        result = {"groups": groups, "efficiency": eff, "plot": args.plot if plotted else None}
         write_text(args.out, json.dumps(result, indent=1))
         return result
 

@@ -31,6 +31,7 @@ import importlib.util
 import json
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -529,14 +530,33 @@ def build_tiny_model(tokenizer, hidden_size: int = 256, num_layers: int = 4, hea
     return model.eval()
 
 
+def clone_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token NLL of the response tokens (+ EOS) and of the prompt tokens of a
+    `pad_batch` batch; padding is in neither. One forward over every column."""
+    device = model_device(model)
+    input_ids = batch["input_ids"].to(device)
+    attention = batch["attention_mask"].to(device).bool()
+    logits = model(input_ids=input_ids, attention_mask=attention.long(),
+                   position_ids=batch["position_ids"].to(device), use_cache=False).logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    real = attention[:, :-1] & attention[:, 1:]            # both the context and the target are tokens
+    predicts_response = torch.arange(targets.shape[1], device=device) >= batch["prompt_width"] - 1
+    response, prompt = real & predicts_response, real & ~predicts_response
+    return -(logprobs * response).sum() / response.sum(), -(logprobs * prompt).sum() / prompt.sum().clamp(min=1)
+
+
 def behaviour_clone(model, tokenizer, examples: list[tuple[str, str]], *, epochs: int = 1,
-                    lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
-                    log_every: int = 50) -> list[float]:
+                    lr: float = 1e-3, batch_size: int = 16, seed: int = 0, prompt_loss_weight: float = 0.0,
+                    warmup_steps: int = 50, log_every: int = 50) -> list[float]:
     """Supervised fine-tuning on (user prompt text, assistant response text) pairs.
 
-    The loss is the mean negative log-likelihood of the response tokens plus the closing EOS
-    (prompt tokens are context only), AdamW, examples shuffled each epoch. Returns the loss of
-    every optimizer step.
+    The loss is the mean negative log-likelihood of the response tokens plus the closing EOS,
+    plus `prompt_loss_weight` × the mean NLL of the prompt tokens: for a model trained from
+    scratch, modelling the observations too gives hundreds of targets per example instead of
+    about ten, and teaches it to copy names from the prompt (the admissible actions, the
+    objects it sees) — the skill every action needs. AdamW, linear warm-up then cosine decay to
+    zero (warm-up: `warmup_steps`, at most a tenth of the run), examples shuffled each epoch. Returns the response loss of every optimizer step.
     """
     eos = tokenizer.eos_token_id
     samples = [(chat_prompt_ids(tokenizer, user),
@@ -544,11 +564,15 @@ def behaviour_clone(model, tokenizer, examples: list[tuple[str, str]], *, epochs
                for user, response in examples]
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(samples) / batch_size)
+    total = steps_per_epoch * epochs
+    warmup = max(1, min(warmup_steps, total // 10))  # short runs (tests) warm up for a tenth
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup)
+                                                 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total))))
     rng = random.Random(seed)
     was_training = model.training
     model.train()
-    losses = []
-    steps_per_epoch = math.ceil(len(samples) / batch_size)
+    losses, started = [], time.perf_counter()
     for epoch in range(epochs):
         order = list(range(len(samples)))
         rng.shuffle(order)
@@ -556,16 +580,22 @@ def behaviour_clone(model, tokenizer, examples: list[tuple[str, str]], *, epochs
             chosen = [samples[i] for i in order[start:start + batch_size]]
             batch = pad_batch([p for p, _ in chosen], [r for _, r in chosen],
                               tokenizer.pad_token_id)
-            logprobs, mask, _ = forward_response_logprobs(model, batch)
-            loss = -(logprobs * mask).sum() / mask.sum()
+            if prompt_loss_weight:
+                response_loss, prompt_loss = clone_losses(model, batch)
+                loss = response_loss + prompt_loss_weight * prompt_loss
+            else:  # only the response columns' logits are needed
+                logprobs, mask, _ = forward_response_logprobs(model, batch)
+                response_loss = loss = -(logprobs * mask).sum() / mask.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
-            losses.append(loss.item())
+            schedule.step()
+            losses.append(response_loss.item())
             if log_every and len(losses) % log_every == 0:
                 recent = losses[-log_every:]
-                print(f"[bc] epoch {epoch + 1}/{epochs} step {start // batch_size + 1}/"
-                      f"{steps_per_epoch} loss {sum(recent) / len(recent):.4f}", flush=True)
+                print(f"[bc] epoch {epoch + 1}/{epochs} step {start // batch_size + 1}/{steps_per_epoch} "
+                      f"response loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - started:.0f}s)",
+                      flush=True)
     model.train(was_training)
     return losses

@@ -3,19 +3,25 @@
 # step_only routing ablations vs Skill-SD, SEEDS seeds each, the same iterations (so about the same
 # environment steps) for every method; then one table and the learning curves.
 #
-#   bash scripts/small_scale.sh                    # search QA, 3 seeds, 20 iterations (see README for wall time)
-#   ENV=alfworld ITERS=10 SEEDS="0" bash scripts/small_scale.sh
+#   bash scripts/small_scale.sh                        # ALFWorld, 3 seeds, 6 iterations of 4 × 4 rollouts
+#   ENV=search bash scripts/small_scale.sh             # search QA, 3 seeds, 20 iterations of 8 × 8
+#   METHODS="grpo opid" SEEDS="0 1 2" bash scripts/small_scale.sh   # a subset (runs already done are skipped)
 #
 # Two runs at a time (one torch thread each) on a 2-core machine. Results: results/<env>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ENV=${ENV:-search}
-ITERS=${ITERS:-20}
+ENV=${ENV:-alfworld}
 SEEDS=${SEEDS:-"0 1 2"}
-EVAL_EVERY=${EVAL_EVERY:-5}
-EVAL_EPISODES=${EVAL_EPISODES:-200}
-BATCH=${BATCH:-"--tasks-per-batch 8 --group-size 8"}
-OUT=results/$ENV
+METHODS=${METHODS:-"grpo opid episode_only step_only skill_sd"}
+EXTRA=${EXTRA:-""}   # more train.py flags for every run, e.g. "--w-step 0.1 --w-episode 0.1"
+if [ "$ENV" = alfworld ]; then   # ~40 s per iteration and ~90 s per 60-game evaluation on one core
+  ITERS=${ITERS:-6}; EVAL_EVERY=${EVAL_EVERY:-3}; EVAL_EPISODES=${EVAL_EPISODES:-60}
+  BATCH=${BATCH:-"--tasks-per-batch 4 --group-size 4"}
+else
+  ITERS=${ITERS:-20}; EVAL_EVERY=${EVAL_EVERY:-5}; EVAL_EPISODES=${EVAL_EPISODES:-200}
+  BATCH=${BATCH:-"--tasks-per-batch 8 --group-size 8"}
+fi
+OUT=${OUT:-results/$ENV}
 mkdir -p "$OUT" runs
 
 declare -A FLAGS=(
@@ -25,7 +31,6 @@ declare -A FLAGS=(
   [step_only]="--algo opid --routing step_only"
   [skill_sd]="--algo skill_sd"
 )
-METHODS="grpo opid episode_only step_only skill_sd"
 
 jobs_list=()
 for seed in $SEEDS; do
@@ -41,7 +46,7 @@ run_one() {
     echo "skip $name (done)"; return
   fi
   OMP_NUM_THREADS=1 python train.py --env "$ENV" ${FLAGS[$method]} --seed "$seed" --iters "$ITERS" $BATCH \
-    --eval-every "$EVAL_EVERY" --eval-episodes "$EVAL_EPISODES" --save-every "$ITERS" --name "$name" \
+    --eval-every "$EVAL_EVERY" --eval-episodes "$EVAL_EPISODES" --save-every "$ITERS" --name "$name" $EXTRA \
     > "$OUT/$name.log" 2>&1
   echo "finished $name"
 }

@@ -181,3 +181,35 @@ def test_bad_env_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         ev.main(["--env", "minecraft"])
     assert "invalid choice: 'minecraft'" in capsys.readouterr().err
+
+
+def test_budget_table_and_sample_efficiency_by_hand(tmp_path, capsys):
+    # grpo: 0.1 → 0.2 → 0.3 at 0 / 100 / 200 steps; opid: 0.1 → 0.35 → 0.4 at 0 / 110 / 210 (2 seeds, mean)
+    runs = [write_run(tmp_path / "grpo-s0", [ev_line(0, 0, 0.1), ev_line(1, 100, 0.2), ev_line(2, 200, 0.3)]),
+            write_run(tmp_path / "opid-s0", [ev_line(0, 0, 0.1), ev_line(1, 100, 0.3), ev_line(2, 200, 0.4)]),
+            write_run(tmp_path / "opid-s1", [ev_line(0, 0, 0.1), ev_line(1, 120, 0.4), ev_line(2, 220, 0.4)]),
+            write_run(tmp_path / "flat-s0", [ev_line(0, 0, 0.1), ev_line(1, 100, 0.1), ev_line(2, 200, 0.2)])]
+    groups = ev.compare_runs([str(r) for r in runs], ["grpo", "opid", "opid", "flat"])
+    eff = ev.efficiency(groups, "grpo")
+    assert eff["target"] == pytest.approx(0.3)
+    assert eff["steps"] == {"grpo": 200, "opid": pytest.approx(110.0), "flat": None}
+    assert eff["fraction"]["opid"] == pytest.approx(0.55) and eff["fraction"]["grpo"] == 1.0
+    assert eff["fraction"]["flat"] is None
+    table = ev.budget_table(groups)
+    header, _, grpo_row, opid_row, flat_row = table.splitlines()
+    assert "1 updates (103 env steps)" in header   # mean of the labels' means: (100 + 110 + 100) / 3
+    assert opid_row.startswith("| opid |") and "0.350 ± 0.071" in opid_row and "0.400 ± 0.000" in opid_row
+    result = ev.main(["--compare", *map(str, runs), "--labels", "grpo", "opid", "opid", "flat"])
+    out = capsys.readouterr().out
+    assert "| opid | 110 | 0.55 |" in out and "| flat | not reached | – |" in out
+    assert result["efficiency"]["reference"] == "grpo"
+    with pytest.raises(SystemExit, match="--reference"):
+        ev.efficiency(groups, "nope")
+
+
+def test_efficiency_is_undefined_when_the_reference_never_improves(tmp_path):
+    runs = [write_run(tmp_path / "g", [ev_line(0, 0, 0.2), ev_line(1, 100, 0.1)]),
+            write_run(tmp_path / "o", [ev_line(0, 0, 0.2), ev_line(1, 100, 0.3)])]
+    eff = ev.efficiency(ev.compare_runs([str(r) for r in runs], ["grpo", "opid"]), "grpo")
+    # target 0.1 is already met at the first evaluation (0 steps): no fraction can be formed
+    assert eff["steps"] == {"grpo": 0, "opid": 0} and eff["fraction"] == {"grpo": None, "opid": None}

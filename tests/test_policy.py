@@ -233,9 +233,9 @@ def test_behaviour_cloning_lowers_loss_and_generation_follows(tokenizer):
     examples = [("You see a fridge 1.", "<action>open fridge 1</action>"),
                 ("You see a mug 1.", "<action>take mug 1</action>"),
                 ("Nothing happens.", "<action>look</action>")]
-    losses = policy.behaviour_clone(model, tokenizer, examples * 4, epochs=15, lr=3e-3,
+    losses = policy.behaviour_clone(model, tokenizer, examples * 4, epochs=40, lr=5e-3,
                                     batch_size=4, seed=0, log_every=0)
-    assert len(losses) == 15 * 3
+    assert len(losses) == 40 * 3
     assert sum(losses[-3:]) / 3 < 0.1 * sum(losses[:3]) / 3
     assert not model.training
     prompts = [policy.chat_prompt_ids(tokenizer, user) for user, _ in examples]
@@ -243,6 +243,47 @@ def test_behaviour_cloning_lowers_loss_and_generation_follows(tokenizer):
     for (_, response), g in zip(examples, generations):
         assert g.text == response and g.finished
         assert g.response_ids[-1] == tokenizer.eos_token_id
+
+
+def test_clone_losses_match_unpadded_per_token_nll(tokenizer, tiny_model):
+    """Response and prompt NLL of a padded batch == the same sums over each unpadded sequence."""
+    pairs = [("You see a fridge 1.", "<action>open fridge 1</action>"),
+             ("Nothing happens here at all, you see nothing.", "<action>look</action>")]
+    prompts = [policy.chat_prompt_ids(tokenizer, u) for u, _ in pairs]
+    responses = [tokenizer.encode(r, add_special_tokens=False) + [tokenizer.eos_token_id] for _, r in pairs]
+    batch = policy.pad_batch(prompts, responses, tokenizer.pad_token_id)
+    with torch.no_grad():
+        response_loss, prompt_loss = policy.clone_losses(tiny_model, batch)
+        sums, counts = {"response": 0.0, "prompt": 0.0}, {"response": 0, "prompt": 0}
+        for p, r in zip(prompts, responses):
+            ids = torch.tensor([p + r])
+            logprobs = torch.log_softmax(tiny_model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            token_lp = logprobs.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+            # target position j+1: prompt tokens 1..len(p)-1, response tokens len(p)..end
+            sums["prompt"] -= token_lp[:len(p) - 1].sum().item()
+            sums["response"] -= token_lp[len(p) - 1:].sum().item()
+            counts["prompt"] += len(p) - 1
+            counts["response"] += len(r)
+    assert response_loss.item() == pytest.approx(sums["response"] / counts["response"], abs=1e-4)
+    assert prompt_loss.item() == pytest.approx(sums["prompt"] / counts["prompt"], abs=1e-4)
+
+
+def test_behaviour_cloning_with_prompt_loss_learns_both(tokenizer):
+    model = policy.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=4,
+                                    intermediate_size=128, max_positions=512, seed=3)
+    examples = [("You see a fridge 1.", "<action>open fridge 1</action>"),
+                ("You see a mug 1.", "<action>take mug 1</action>")]
+    batch = policy.pad_batch([policy.chat_prompt_ids(tokenizer, u) for u, _ in examples],
+                             [tokenizer.encode(r, add_special_tokens=False) for _, r in examples],
+                             tokenizer.pad_token_id)
+    with torch.no_grad():
+        before = policy.clone_losses(model, batch)
+    losses = policy.behaviour_clone(model, tokenizer, examples * 4, epochs=40, lr=5e-3, batch_size=4,
+                                    seed=0, prompt_loss_weight=1.0, warmup_steps=5, log_every=0)
+    with torch.no_grad():
+        after = policy.clone_losses(model, batch)
+    assert len(losses) == 40 * 2
+    assert after[0] < 0.1 * before[0] and after[1] < 0.5 * before[1]
 
 
 def test_save_load_round_trip_gives_identical_logits(tokenizer, tiny_model, tmp_path):

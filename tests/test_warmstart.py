@@ -22,3 +22,11 @@ def test_demonstrations_have_expert_targets_and_hinted_copies():
 
 def test_demonstrations_are_deterministic():
     assert warmstart.demonstrations("search", 4, 0.3, 0.5, seed=1) == warmstart.demonstrations("search", 4, 0.3, 0.5, seed=1)
+
+
+def test_every_recipe_names_what_the_builder_reads():
+    needed = {"episodes", "noise", "hint_share", "epochs", "max_examples", "prompt_loss_weight"}
+    for env_name, recipe in warmstart.RECIPES.items():
+        assert set(recipe) == needed, env_name
+        assert 0 <= recipe["noise"] < 1 and 0 <= recipe["hint_share"] <= 1 and recipe["epochs"] >= 1
+    assert set(warmstart.RECIPES) == set(warmstart.TINY_HISTORY)
