@@ -470,6 +470,8 @@ def efficiency_table(eff: dict) -> str:
     for label, s in eff["steps"].items():
         f = eff["fraction"][label]
         lines.append(f"| {label} | {'not reached' if s is None else f'{s:,.0f}'} | {'–' if f is None else f'{f:.2f}'} |")
+    if eff["steps"].get(eff["reference"]) == 0:
+        lines += ["", f"{eff['reference']} never rose above its first evaluation, so there is no budget to compare."]
     return "\n".join(lines)
 
 

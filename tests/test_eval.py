@@ -213,3 +213,4 @@ def test_efficiency_is_undefined_when_the_reference_never_improves(tmp_path):
     eff = ev.efficiency(ev.compare_runs([str(r) for r in runs], ["grpo", "opid"]), "grpo")
     # target 0.1 is already met at the first evaluation (0 steps): no fraction can be formed
     assert eff["steps"] == {"grpo": 0, "opid": 0} and eff["fraction"] == {"grpo": None, "opid": None}
+    assert "grpo never rose above its first evaluation" in ev.efficiency_table(eff)
