@@ -555,8 +555,9 @@ def behaviour_clone(model, tokenizer, examples: list[tuple[str, str]], *, epochs
     plus `prompt_loss_weight` × the mean NLL of the prompt tokens: for a model trained from
     scratch, modelling the observations too gives hundreds of targets per example instead of
     about ten, and teaches it to copy names from the prompt (the admissible actions, the
-    objects it sees) — the skill every action needs. AdamW, linear warm-up then cosine decay to
-    zero (warm-up: `warmup_steps`, at most a tenth of the run), examples shuffled each epoch. Returns the response loss of every optimizer step.
+    objects it sees) — the skill every action needs. AdamW, linear warm-up (`warmup_steps`, at
+    most a tenth of the run) then cosine decay to zero, examples shuffled each epoch. Returns the
+    response loss of every optimizer step.
     """
     eos = tokenizer.eos_token_id
     samples = [(chat_prompt_ids(tokenizer, user),
