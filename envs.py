@@ -390,7 +390,8 @@ class AlfWorldEnv:
     the GiGPO setting); `think` selects the template with <think> (required by the parser) or the
     short one; `n_games` the generated split's size (default 240 train / 60 eval; with official
     data, the first `n_games` games); `train_games` the train split an eval split is kept disjoint
-    from (default 240); `seed` of the expert's random draws (0 = the run checked at generation).
+    from (default 240); `seed` of the expert's random draws (0 = the run checked at generation);
+    `task_types` keeps only games of those types (e.g. ("pick_and_place",); empty: all six).
     """
 
     name = "alfworld"
@@ -398,7 +399,8 @@ class AlfWorldEnv:
 
     def __init__(self, split: str = "train", history_length: int = 5, max_steps: int = 30,
                  think: bool = True, data_dir: str | os.PathLike | None = None,
-                 n_games: int | None = None, train_games: int | None = None, seed: int = 0):
+                 n_games: int | None = None, train_games: int | None = None, seed: int = 0,
+                 task_types: tuple[str, ...] = ()):
         import worlds   # generator of the offline games; imports envs for the engine
         folder = Path(data_dir) if data_dir else _official_folder(split)
         self.official = folder is not None
@@ -409,6 +411,11 @@ class AlfWorldEnv:
             self.game_files = self.game_files[:n_games]
         if not self.game_files:
             raise FileNotFoundError(f"no ALFWorld games (game.tw-pddl + traj_data.json) under {folder}")
+        if task_types:
+            unknown = set(task_types) - set(ALFWORLD_TASK_TYPES)
+            if unknown:
+                raise ValueError(f"unknown ALFWorld task type(s) {sorted(unknown)}; expected {ALFWORLD_TASK_TYPES}")
+            self.game_files = [f for f in self.game_files if _game_task_type(f) in task_types]
         self.split, self.history_length, self.max_steps, self.think = split, history_length, max_steps, think
         self.seed = seed
         self._game: AlfredGame | None = None
@@ -503,6 +510,15 @@ class AlfWorldEnv:
         lines.append("Now it's your turn to choose the next action.")
         lines.append(ALFWORLD_THINK if self.think else ALFWORLD_NO_THINK)
         return "\n".join(lines)
+
+
+ALFWORLD_TASK_TYPES = ("pick_and_place", "look_at_obj_in_light", "pick_clean_then_place", "pick_heat_then_place",
+                       "pick_cool_then_place", "pick_two_obj_and_place")
+
+
+def _game_task_type(game_file: str) -> str:
+    with open(Path(game_file).parent / "traj_data.json") as f:
+        return _short_task_type(json.load(f)["task_type"])
 
 
 def _one_line(text: str) -> str:

@@ -67,6 +67,7 @@ class Config:
     qa_data: str = arg("synthetic", "search QA data: synthetic | fanoutqa | hf:NAME[:CONFIG] | a JSONL/parquet path ({split} allowed)")
     qa_corpus: str = arg("", "search QA: JSONL corpus {id,title,contents} for BM25 (default: the generated one)")
     alfworld_games: int = arg(0, "generated ALFWorld games per split (0: 240 train / 60 eval; small = quick tests)")
+    alfworld_task_types: str = arg("", "comma-separated ALFWorld task types to train and evaluate on (empty: all six)")
     # --- model ---
     model: str = arg("tiny", "tiny | smollm2 | a Hugging Face hub id | a local model folder")
     lora_rank: int = arg(0, "LoRA rank (0: full fine-tuning); the KL reference is then the adapter-free base")
@@ -131,6 +132,12 @@ def resolve_defaults(cfg: Config) -> Config:
         raise SystemExit("--critical-steps must be analyzer or statistics")
     if cfg.tasks_per_batch < 1 or cfg.group_size < 1 or cfg.iters < 0:
         raise SystemExit("--tasks-per-batch and --group-size must be ≥ 1, --iters ≥ 0")
+    if cfg.alfworld_task_types:
+        from envs import ALFWORLD_TASK_TYPES
+        wanted = {t.strip() for t in cfg.alfworld_task_types.split(",") if t.strip()}
+        if cfg.env != "alfworld" or not wanted or not wanted <= set(ALFWORLD_TASK_TYPES):
+            raise SystemExit(f"--alfworld-task-types takes a comma-separated subset of {ALFWORLD_TASK_TYPES} "
+                             f"with --env alfworld, got {cfg.alfworld_task_types!r}")
     tiny = cfg.model == "tiny"
     if tiny and cfg.history_length is None:
         import warmstart
@@ -203,6 +210,8 @@ def env_kwargs(cfg: Config) -> dict:
     kwargs = dict(history_length=cfg.history_length, max_steps=cfg.max_steps, think=cfg.think)
     if cfg.env == "alfworld" and cfg.alfworld_games > 0:
         kwargs.update(n_games=cfg.alfworld_games, train_games=cfg.alfworld_games)
+    if cfg.env == "alfworld" and cfg.alfworld_task_types:
+        kwargs.update(task_types=tuple(t.strip() for t in cfg.alfworld_task_types.split(",") if t.strip()))
     if cfg.env == "webshop" and cfg.webshop_backend != "sim":
         kwargs.update(backend=cfg.webshop_backend)
     if cfg.env == "search":

@@ -148,3 +148,15 @@ def test_engine_leaves_sys_argv_alone(splits, monkeypatch):
     envs._TRANSLATIONS.clear()
     envs.AlfWorldEnv(split="train", n_games=6, think=False).reset(1)
     assert sys.argv == ["train.py", "--iters", "3"]
+
+
+def test_task_type_filter_keeps_only_those_games(splits):
+    every = envs.AlfWorldEnv(split="eval", n_games=6, train_games=6, think=False)
+    types = sorted(envs._game_task_type(f) for f in every.game_files)
+    assert types == sorted(envs.ALFWORLD_TASK_TYPES)          # one game of each type in the small split
+    picked = envs.AlfWorldEnv(split="eval", n_games=6, train_games=6, think=False,
+                              task_types=("pick_and_place", "pick_cool_then_place"))
+    assert picked.num_tasks() == 2
+    assert {picked.reset(i)[1]["task_type"] for i in range(2)} == {"pick_and_place", "pick_cool_then_place"}
+    with pytest.raises(ValueError, match="unknown ALFWorld task type"):
+        envs.AlfWorldEnv(split="eval", n_games=6, train_games=6, task_types=("pick",))

@@ -125,7 +125,9 @@ def test_config_help_lists_every_field():
 
 def test_bad_values_are_rejected_with_a_clear_message():
     for argv, message in [(["--env", "minecraft"], "--env must be one of"), (["--algo", "ppo2"], "--algo must be one of"),
-                          (["--routing", "random"], "--routing must be one of")]:
+                          (["--routing", "random"], "--routing must be one of"),
+                          (["--alfworld-task-types", "pick"], "--alfworld-task-types takes"),
+                          (["--env", "search", "--alfworld-task-types", "pick_and_place"], "--alfworld-task-types takes")]:
         with pytest.raises(SystemExit, match=message):
             train.resolve_defaults(train.parse_config(argv))
 
