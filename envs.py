@@ -416,6 +416,8 @@ class AlfWorldEnv:
             if unknown:
                 raise ValueError(f"unknown ALFWorld task type(s) {sorted(unknown)}; expected {ALFWORLD_TASK_TYPES}")
             self.game_files = [f for f in self.game_files if _game_task_type(f) in task_types]
+            if not self.game_files:
+                raise FileNotFoundError(f"no ALFWorld games of type {sorted(task_types)} under {folder}")
         self.split, self.history_length, self.max_steps, self.think = split, history_length, max_steps, think
         self.seed = seed
         self._game: AlfredGame | None = None
@@ -512,10 +514,6 @@ class AlfWorldEnv:
         return "\n".join(lines)
 
 
-ALFWORLD_TASK_TYPES = ("pick_and_place", "look_at_obj_in_light", "pick_clean_then_place", "pick_heat_then_place",
-                       "pick_cool_then_place", "pick_two_obj_and_place")
-
-
 def _game_task_type(game_file: str) -> str:
     with open(Path(game_file).parent / "traj_data.json") as f:
         return _short_task_type(json.load(f)["task_type"])
@@ -525,12 +523,17 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# the contract's task type names, each with the prefix of alfworld's name for that type
+_TASK_TYPE_PREFIXES = (("pick_two_obj_and_place", "pick_two_obj"), ("look_at_obj_in_light", "look_at_obj"),
+                       ("pick_clean_then_place", "pick_clean"), ("pick_heat_then_place", "pick_heat"),
+                       ("pick_cool_then_place", "pick_cool"), ("pick_and_place", "pick_and_place"))
+ALFWORLD_TASK_TYPES = tuple(short for short, _ in _TASK_TYPE_PREFIXES)
+
+
 def _short_task_type(alfworld_type: str) -> str:
     """alfworld's task type name -> the contract's (`pick_and_place_simple` -> `pick_and_place`)."""
-    for short, long in (("pick_two_obj_and_place", "pick_two_obj"), ("look_at_obj_in_light", "look_at_obj"),
-                        ("pick_clean_then_place", "pick_clean"), ("pick_heat_then_place", "pick_heat"),
-                        ("pick_cool_then_place", "pick_cool"), ("pick_and_place", "pick_and_place")):
-        if alfworld_type.startswith(long):
+    for short, prefix in _TASK_TYPE_PREFIXES:
+        if alfworld_type.startswith(prefix):
             return short
     return alfworld_type
 

@@ -134,8 +134,8 @@ def resolve_defaults(cfg: Config) -> Config:
         raise SystemExit("--tasks-per-batch and --group-size must be ≥ 1, --iters ≥ 0")
     if cfg.alfworld_task_types:
         from envs import ALFWORLD_TASK_TYPES
-        wanted = {t.strip() for t in cfg.alfworld_task_types.split(",") if t.strip()}
-        if cfg.env != "alfworld" or not wanted or not wanted <= set(ALFWORLD_TASK_TYPES):
+        wanted = alfworld_task_types(cfg)
+        if cfg.env != "alfworld" or not wanted or not set(wanted) <= set(ALFWORLD_TASK_TYPES):
             raise SystemExit(f"--alfworld-task-types takes a comma-separated subset of {ALFWORLD_TASK_TYPES} "
                              f"with --env alfworld, got {cfg.alfworld_task_types!r}")
     tiny = cfg.model == "tiny"
@@ -206,12 +206,16 @@ def build_analyzer(cfg: Config, model, tokenizer):
     raise SystemExit(f"--analyzer must be rule, openai or policy, got {cfg.analyzer!r}")
 
 
+def alfworld_task_types(cfg: Config) -> tuple[str, ...]:
+    return tuple(name.strip() for name in cfg.alfworld_task_types.split(",") if name.strip())
+
+
 def env_kwargs(cfg: Config) -> dict:
     kwargs = dict(history_length=cfg.history_length, max_steps=cfg.max_steps, think=cfg.think)
     if cfg.env == "alfworld" and cfg.alfworld_games > 0:
         kwargs.update(n_games=cfg.alfworld_games, train_games=cfg.alfworld_games)
     if cfg.env == "alfworld" and cfg.alfworld_task_types:
-        kwargs.update(task_types=tuple(t.strip() for t in cfg.alfworld_task_types.split(",") if t.strip()))
+        kwargs.update(task_types=alfworld_task_types(cfg))
     if cfg.env == "webshop" and cfg.webshop_backend != "sim":
         kwargs.update(backend=cfg.webshop_backend)
     if cfg.env == "search":
