@@ -75,7 +75,7 @@ class Config:
     lora_target_modules: str = arg("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA adapts")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
     max_new_tokens: int | None = arg(None, "max tokens per response (tiny 24, otherwise 512)")
-    temperature: float = arg(1.0, "rollout sampling temperature")
+    temperature: float = arg(1.0, "rollout sampling temperature (the update, reference and teacher score at it too)")
     top_p: float = arg(1.0, "rollout nucleus sampling top-p")
     # --- algorithm ---
     algo: str = arg("opid", "opid | grpo | gigpo | skill_sd | rlsd | opsd | skill_grpo")
@@ -252,11 +252,12 @@ def padded(rows: list[list[float]] | list[torch.Tensor], length: int) -> torch.T
 
 
 def teacher_logprobs(model, tokenizer, samples: list[rollout.Sample], contexts: list[tuple[int, str | None, str | None]],
-                     length: int, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     length: int, micro_batch_size: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """§6–§7: re-score each sample's OWN response ids under its skill-augmented prompt.
 
     contexts: (sample index, episode text or None, step text or None) per teacher pass. The
     augmented prompt text is re-templated; the response token ids are reused unchanged.
+    `temperature` is the rollout temperature: Δ compares log-probs of one distribution family.
     Returns (teacher log-probs [S, length], rows that were scored [S] bool).
     """
     result, scored = torch.zeros(len(samples), length), torch.zeros(len(samples), dtype=torch.bool)
@@ -266,7 +267,8 @@ def teacher_logprobs(model, tokenizer, samples: list[rollout.Sample], contexts: 
                for i, ep, st in contexts]
     responses = [samples[i].response_ids for i, _, _ in contexts]
     with torch.no_grad():
-        logprobs, _, _ = policy.response_logprobs(model, prompts, responses, micro_batch_size=micro_batch_size)
+        logprobs, _, _ = policy.response_logprobs(model, prompts, responses, temperature=temperature,
+                                                  micro_batch_size=micro_batch_size)
     for row, (i, _, _) in enumerate(contexts):
         n = len(samples[i].response_ids)
         result[i, :n] = logprobs[row, :n].float().cpu()
@@ -298,7 +300,8 @@ def ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, dis
     """§8: clipped PPO on token-level advantages, + β·k3 KL − c_ent·H (+ λ·Skill-SD/OPSD term).
 
     Mini-batches of `mini_batch_size` samples, each accumulated over micro-batches, loss
-    normalised by the mini-batch's response-token count (token-mean).
+    normalised by the mini-batch's response-token count (token-mean). Log-probs are taken at the
+    rollout temperature, as the saved old log-probs were: the first ratio is exactly 1.
     """
     model.train()
     totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipfrac": 0.0, "grad_norm": 0.0}
@@ -314,7 +317,8 @@ def ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, dis
                 idx = minibatch[mc_start:mc_start + cfg.micro_batch_size]
                 logp, _, entropy = policy.response_logprobs(
                     model, [samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx],
-                    micro_batch_size=len(idx), with_entropy=True, requires_grad=True)
+                    temperature=cfg.temperature, micro_batch_size=len(idx), with_entropy=True,
+                    requires_grad=True)
                 width = logp.shape[1]
                 m, a, o = mask[idx, :width], advantages[idx, :width], old[idx, :width]
                 pg_loss, stats = opid.ppo_clip_loss(logp, o, a, m, cfg.clip_eps, cfg.dual_clip or None, num_tokens)
@@ -412,7 +416,7 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
     if cfg.kl_coef > 0:
         with torch.no_grad(), policy.reference_policy(unwrapped, reference) as ref_model:
             ref_lp, _, _ = policy.response_logprobs(ref_model, [s.prompt_ids for s in samples],
-                                                    [s.response_ids for s in samples],
+                                                    [s.response_ids for s in samples], temperature=cfg.temperature,
                                                     micro_batch_size=cfg.micro_batch_size)
         ref = padded(list(ref_lp.float().cpu()), length) * mask
     traj_skills, analysis_stats = pending.result() if pending else ([None] * len(trajs), {})
@@ -445,8 +449,10 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
             step_ctx.append((i, None, step_text))
         if ep_text:
             episode_ctx.append((i, ep_text, None))
-    teacher_ep, routed_ep = teacher_logprobs(unwrapped, tokenizer, samples, episode_ctx, length, cfg.micro_batch_size)
-    teacher_st, routed_st = teacher_logprobs(unwrapped, tokenizer, samples, step_ctx, length, cfg.micro_batch_size)
+    teacher_ep, routed_ep = teacher_logprobs(unwrapped, tokenizer, samples, episode_ctx, length, cfg.micro_batch_size,
+                                             cfg.temperature)
+    teacher_st, routed_st = teacher_logprobs(unwrapped, tokenizer, samples, step_ctx, length, cfg.micro_batch_size,
+                                             cfg.temperature)
     delta_clip = cfg.delta_clip or None
     delta_ep = opid.skill_delta(teacher_ep, old, mask * routed_ep[:, None], cfg.delta_normalize, delta_clip)
     delta_st = opid.skill_delta(teacher_st, old, mask * routed_st[:, None], cfg.delta_normalize, delta_clip)

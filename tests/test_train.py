@@ -43,9 +43,9 @@ def explicit_logprobs(model, prompt_ids, response_ids):
     return logp.gather(1, torch.tensor(response_ids)[:, None])[:, 0]
 
 
-def make_sample(tokenizer, model, prompt_text, seed):
+def make_sample(tokenizer, model, prompt_text, seed, temperature=1.0):
     prompt_ids = policy.chat_prompt_ids(tokenizer, prompt_text)
-    gen = policy.generate(model, tokenizer, [prompt_ids], max_new_tokens=8, seed=seed)[0]
+    gen = policy.generate(model, tokenizer, [prompt_ids], max_new_tokens=8, seed=seed, temperature=temperature)[0]
     return rollout.Sample(uid=0, traj_uid=seed, step=0, prompt_text=prompt_text, prompt_ids=prompt_ids,
                           response_ids=gen.response_ids, old_logprobs=gen.logprobs, response_text=gen.text,
                           action="", valid=False, invalid_reason="", observation="", reward=0.0, privileged="")
@@ -215,3 +215,59 @@ def test_kill_mid_run_and_resume_continues_without_corrupting_metrics(model_dir,
     assert json.loads(state.read_text())["updates"] == 6
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["env"] == "search" and config["iters"] == 6
+
+
+def test_ppo_update_raises_positive_and_lowers_negative_advantage_responses(tiny):
+    """The sign convention end to end: one real `ppo_update` step moves the log-likelihood of a
+    response with A > 0 up and of one with A < 0 down (the rest of the batch has A = 0)."""
+    import copy
+    import random
+    from accelerate import Accelerator
+
+    base, tokenizer = tiny
+    model = copy.deepcopy(base)  # the module fixture stays untouched
+    samples = [make_sample(tokenizer, model, PROMPT, seed=s) for s in range(6)]
+    length = max(len(s.response_ids) for s in samples)
+    mask = train.padded([[1.0] * len(s.response_ids) for s in samples], length)
+    old = train.padded([s.old_logprobs for s in samples], length)
+    advantages = torch.zeros(6, length)
+    advantages[0], advantages[1] = 1.0, -1.0
+    advantages = advantages * mask
+
+    def sequence_logprob(i):
+        s = samples[i]
+        return explicit_logprobs(model, s.prompt_ids, s.response_ids).sum().item()
+
+    before = [sequence_logprob(i) for i in range(2)]
+    cfg = train.Config(mini_batch_size=6, micro_batch_size=3, kl_coef=0.0, entropy_coef=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    stats = train.ppo_update(model, optimizer, Accelerator(cpu=True), samples, advantages, old, None, None, None,
+                             mask, cfg, random.Random(0))
+    after = [sequence_logprob(i) for i in range(2)]
+    assert stats["grad_norm"] > 0
+    assert after[0] > before[0] + 1e-3, (before, after)
+    assert after[1] < before[1] - 1e-3, (before, after)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_first_ppo_ratio_is_one_at_the_rollout_temperature(tiny, temperature):
+    """Rollouts sampled at T store log softmax(z/T); the update must score at the same T, so that
+    before any step the ratio is exactly 1: no clipping, pg loss = −token-mean(A), KL to an
+    identical reference = 0. (Scoring at T = 1 after sampling at 0.5 breaks all three.)"""
+    import random
+    from accelerate import Accelerator
+
+    model, tokenizer = tiny
+    samples = [make_sample(tokenizer, model, PROMPT, seed=s, temperature=temperature) for s in range(4)]
+    length = max(len(s.response_ids) for s in samples)
+    mask = train.padded([[1.0] * len(s.response_ids) for s in samples], length)
+    old = train.padded([s.old_logprobs for s in samples], length)
+    advantages = torch.tensor([[1.0], [-0.5], [2.0], [-1.5]]) * mask
+    cfg = train.Config(temperature=temperature, mini_batch_size=4, micro_batch_size=2, kl_coef=0.0, entropy_coef=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    stats = train.ppo_update(model, optimizer, Accelerator(cpu=True), samples, advantages, old, old.clone(), None,
+                             None, mask, cfg, random.Random(0))
+    model.eval()
+    assert stats["clipfrac"] == 0
+    assert stats["pg_loss"] == pytest.approx(-(advantages.sum() / mask.sum()).item(), abs=1e-5)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-5)
