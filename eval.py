@@ -16,8 +16,9 @@ environments put the data source in `task_type`) and its average over sources.
 With `--run`, the environment is built from the run's config.json exactly as training built it
 (`train.resolve_defaults` + `train.env_kwargs`), so `--env`, `--max-steps`, ... are ignored. With
 `--checkpoint` or `--model` the same two functions fill the flags' gaps (for `tiny`: history
-length from `warmstart.TINY_HISTORY`, no <think>, 24 new tokens; otherwise <think> and 512 —
-pass `--no-think --max-new-tokens 24` for a checkpoint of a tiny run).
+length from `warmstart.TINY_HISTORY`, no <think>, `warmstart.TINY_MAX_NEW_TOKENS` new tokens (24, on
+WebShop 48); otherwise <think> and 512 — pass `--no-think --max-new-tokens 24` for a checkpoint of
+a tiny run).
 
 Comparison reads each run's metrics.jsonl ("kind": "train" / "eval" lines), groups runs by
 `--labels` (default: the folder name) and prints final metrics as mean ± std per label, eval
@@ -551,7 +552,7 @@ def main(argv=None) -> dict:
     dec = parser.add_argument_group("decoding and seeds")
     dec.add_argument("--temperature", type=float, default=0.4, help="sampling temperature (paper: 0.4)")
     dec.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    dec.add_argument("--max-new-tokens", type=int, default=None, help="tokens per response (tiny 24, else 512)")
+    dec.add_argument("--max-new-tokens", type=int, default=None, help="tokens per response (tiny 24, WebShop 48; else 512)")
     dec.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds; mean ± std over them")
     dec.add_argument("--seed", type=int, default=0, help="single seed (when --seeds is not given)")
     out = parser.add_argument_group("output")

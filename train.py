@@ -74,7 +74,7 @@ class Config:
     lora_alpha: int = arg(32, "LoRA alpha")
     lora_target_modules: str = arg("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA adapts")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
-    max_new_tokens: int | None = arg(None, "max tokens per response (tiny 24, otherwise 512)")
+    max_new_tokens: int | None = arg(None, "max tokens per response (tiny: warmstart.TINY_MAX_NEW_TOKENS, 24 / 48 / 24; otherwise 512)")
     temperature: float = arg(1.0, "rollout sampling temperature (the update, reference and teacher score at it too)")
     top_p: float = arg(1.0, "rollout nucleus sampling top-p")
     # --- algorithm ---
@@ -139,16 +139,19 @@ def resolve_defaults(cfg: Config) -> Config:
             raise SystemExit(f"--alfworld-task-types takes a comma-separated subset of {ALFWORLD_TASK_TYPES} "
                              f"with --env alfworld, got {cfg.alfworld_task_types!r}")
     tiny = cfg.model == "tiny"
-    if tiny and cfg.history_length is None:
+    if tiny:
         import warmstart
-        cfg.history_length = warmstart.TINY_HISTORY[cfg.env]  # the history the tiny agent was cloned with
+        if cfg.history_length is None:
+            cfg.history_length = warmstart.TINY_HISTORY[cfg.env]  # the history the tiny agent was cloned with
+        if cfg.max_new_tokens is None:
+            cfg.max_new_tokens = warmstart.TINY_MAX_NEW_TOKENS[cfg.env]
     for key, value in ENV_DEFAULTS[cfg.env].items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
     if cfg.think is None:
         cfg.think = not tiny
     if cfg.max_new_tokens is None:
-        cfg.max_new_tokens = 24 if tiny else 512
+        cfg.max_new_tokens = 512
     if cfg.lr is None:
         cfg.lr = 1e-4 if tiny else (1e-5 if cfg.lora_rank > 0 else 1e-6)
     if not cfg.name:

@@ -40,6 +40,10 @@ RECIPES = {
 # The tiny agent sees a shorter history than the paper's ALFWorld runs (H = 2, the GiGPO/GRPO
 # baselines' value, instead of 5): prompts of ~300 instead of ~470 tokens keep CPU runs short.
 TINY_HISTORY = {"alfworld": 2, "webshop": 2, "search": 4}
+# Response budget of the tiny agent (no <think>): an expert action in tags is at most 13 tokens on
+# ALFWorld and 12 on search QA, but WebShop's first action copies the whole instruction into
+# search[...] (up to 35 tokens, 12 % of all steps above 24); a 24-token cap cut those off.
+TINY_MAX_NEW_TOKENS = {"alfworld": 24, "webshop": 48, "search": 24}
 MODEL_SIZE = dict(hidden_size=128, num_layers=2)
 
 

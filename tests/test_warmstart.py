@@ -30,3 +30,20 @@ def test_every_recipe_names_what_the_builder_reads():
         assert set(recipe) == needed, env_name
         assert 0 <= recipe["noise"] < 1 and 0 <= recipe["hint_share"] <= 1 and recipe["epochs"] >= 1
     assert set(warmstart.RECIPES) == set(warmstart.TINY_HISTORY)
+
+
+def test_the_tiny_response_budget_fits_every_cloned_target():
+    """Every expert response the tiny agent is cloned on, plus its closing EOS, fits in the
+    generation budget training and evaluation give it: a cut-off action is invalid however well
+    the agent learned it (a 24-token cap truncated WebShop's instruction-long first search)."""
+    import policy
+    import train
+    for env_name in ("webshop", "search"):
+        examples = warmstart.demonstrations(env_name, episodes=40, noise=0.3, hint_share=0.0, seed=0)
+        tokenizer = policy.train_tiny_tokenizer([p for p, _ in examples[:200]] + [r for _, r in examples])
+        longest = max(len(tokenizer.encode(r, add_special_tokens=False)) + 1 for _, r in examples)
+        budget = train.resolve_defaults(train.Config(env=env_name)).max_new_tokens
+        assert budget == warmstart.TINY_MAX_NEW_TOKENS[env_name]
+        assert longest <= budget, (env_name, longest, budget)
+        if env_name == "webshop":
+            assert longest > 24  # the case the old cap got wrong
