@@ -210,6 +210,7 @@ def build_analyzer(cfg: Config, model, tokenizer):
 
 
 def alfworld_task_types(cfg: Config) -> tuple[str, ...]:
+    """`--alfworld-task-types` as a tuple of names (empty: all six types)."""
     return tuple(name.strip() for name in cfg.alfworld_task_types.split(",") if name.strip())
 
 

@@ -43,6 +43,13 @@ def explicit_logprobs(model, prompt_ids, response_ids):
     return logp.gather(1, torch.tensor(response_ids)[:, None])[:, 0]
 
 
+def response_tensors(samples):
+    """(longest response, response mask, saved old log-probs), padded the way learn_from_batch pads."""
+    length = max(len(s.response_ids) for s in samples)
+    mask = train.padded([[1.0] * len(s.response_ids) for s in samples], length)
+    return length, mask, train.padded([s.old_logprobs for s in samples], length)
+
+
 def make_sample(tokenizer, model, prompt_text, seed, temperature=1.0):
     prompt_ids = policy.chat_prompt_ids(tokenizer, prompt_text)
     gen = policy.generate(model, tokenizer, [prompt_ids], max_new_tokens=8, seed=seed, temperature=temperature)[0]
@@ -83,9 +90,7 @@ def policy_gradient_norm(model, tokenizer, samples, advantages_per_token):
 def test_all_failed_group_grpo_gradient_is_zero_opid_is_not(tiny):
     model, tokenizer = tiny
     samples = [make_sample(tokenizer, model, PROMPT, seed=s) for s in range(4)]
-    length = max(len(s.response_ids) for s in samples)
-    mask = train.padded([[1.0] * len(s.response_ids) for s in samples], length)
-    old = train.padded([s.old_logprobs for s in samples], length)
+    length, mask, old = response_tensors(samples)
     scores = torch.tensor([opid.trajectory_score(0.0, 1, 0.1)] * 4)  # every rollout failed the same way
     outcome = opid.outcome_advantage(scores, torch.zeros(4, dtype=torch.long))
     assert outcome.abs().max() == 0
@@ -227,9 +232,7 @@ def test_ppo_update_raises_positive_and_lowers_negative_advantage_responses(tiny
     base, tokenizer = tiny
     model = copy.deepcopy(base)  # the module fixture stays untouched
     samples = [make_sample(tokenizer, model, PROMPT, seed=s) for s in range(6)]
-    length = max(len(s.response_ids) for s in samples)
-    mask = train.padded([[1.0] * len(s.response_ids) for s in samples], length)
-    old = train.padded([s.old_logprobs for s in samples], length)
+    length, mask, old = response_tensors(samples)
     advantages = torch.zeros(6, length)
     advantages[0], advantages[1] = 1.0, -1.0
     advantages = advantages * mask
@@ -259,9 +262,7 @@ def test_first_ppo_ratio_is_one_at_the_rollout_temperature(tiny, temperature):
 
     model, tokenizer = tiny
     samples = [make_sample(tokenizer, model, PROMPT, seed=s, temperature=temperature) for s in range(4)]
-    length = max(len(s.response_ids) for s in samples)
-    mask = train.padded([[1.0] * len(s.response_ids) for s in samples], length)
-    old = train.padded([s.old_logprobs for s in samples], length)
+    length, mask, old = response_tensors(samples)
     advantages = torch.tensor([[1.0], [-0.5], [2.0], [-1.5]]) * mask
     cfg = train.Config(temperature=temperature, mini_batch_size=4, micro_batch_size=2, kl_coef=0.0, entropy_coef=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
