@@ -50,7 +50,8 @@ class Config:
     iters: int = arg(5, "training iterations (one rollout batch + one PPO update each)")
     save_every: int = arg(5, "checkpoint every k iterations (and always at the end)")
     eval_every: int = arg(0, "evaluate every k iterations (0: only before the first and after the last)")
-    eval_episodes: int = arg(30, "episodes per evaluation on the eval split (0: no evaluation)")
+    eval_episodes: int = arg(30, "episodes per evaluation (0: no evaluation)")
+    eval_split: str = arg("eval", "split the evaluations play: eval, or train to measure the games trained on")
     eval_temperature: float = arg(0.4, "sampling temperature of evaluation (the paper's validation setting)")
     eval_greedy: bool = arg(False, "evaluate with greedy decoding instead of T=eval_temperature sampling")
     # --- environment (None = the environment's default from OPID_SPEC §9) ---
@@ -130,6 +131,8 @@ def resolve_defaults(cfg: Config) -> Config:
         raise SystemExit(f"--routing must be one of {ROUTINGS}, got {cfg.routing!r}")
     if cfg.critical_steps not in ("analyzer", "statistics"):
         raise SystemExit("--critical-steps must be analyzer or statistics")
+    if cfg.eval_split not in ("eval", "train"):
+        raise SystemExit(f"--eval-split must be eval or train, got {cfg.eval_split!r}")
     if cfg.tasks_per_batch < 1 or cfg.group_size < 1 or cfg.iters < 0:
         raise SystemExit("--tasks-per-batch and --group-size must be ≥ 1, --iters ≥ 0")
     if cfg.alfworld_task_types:
@@ -556,14 +559,14 @@ def main(cfg: Config) -> Path:
         if cfg.eval_episodes <= 0 or not accelerator.is_main_process:
             return
         if num_eval_tasks is None:
-            num_eval_tasks = make_env(cfg.env, split="eval", **env_kwargs(cfg)).num_tasks()
+            num_eval_tasks = make_env(cfg.env, split=cfg.eval_split, **env_kwargs(cfg)).num_tasks()
         summary, _ = rollout.evaluate_policy(
-            unwrapped, tokenizer, lambda: make_env(cfg.env, split="eval", **env_kwargs(cfg)), num_eval_tasks,
+            unwrapped, tokenizer, lambda: make_env(cfg.env, split=cfg.eval_split, **env_kwargs(cfg)), num_eval_tasks,
             episodes=cfg.eval_episodes, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
             greedy=cfg.eval_greedy, seed=cfg.seed)
         append_metrics(metrics_path, {"kind": "eval", "updates": state["updates"], "env_steps": state["env_steps"],
-                                      **{f"eval/{k}": v for k, v in summary.items()}})
-        log(f"[eval {tag}] updates={state['updates']} success={summary['success_rate']:.3f} "
+                                      "split": cfg.eval_split, **{f"eval/{k}": v for k, v in summary.items()}})
+        log(f"[eval {tag}, {cfg.eval_split} split] updates={state['updates']} success={summary['success_rate']:.3f} "
             f"score={summary['mean_score']:.3f} invalid={summary['invalid_rate']:.3f} "
             f"per-type={json.dumps(summary['per_task_type'])}")
 

@@ -96,12 +96,26 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
     return examples
 
 
+def cached_agent_is_current(folder: Path, env_name: str) -> bool:
+    """True if `folder` holds a finished build of the current recipe and model size (a changed recipe
+    must never be served from a stale cache)."""
+    meta_path = folder / "warmstart.json"
+    if not meta_path.exists():
+        return False
+    meta = json.loads(meta_path.read_text())
+    return meta.get("recipe") == RECIPES[env_name] and meta.get("model_size") == MODEL_SIZE
+
+
 def tiny_agent_folder(env_name: str, rebuild: bool = False) -> Path:
-    """Folder of the warm-started tiny agent for `env_name`; built (a few minutes) on first use."""
+    """Folder of the warm-started tiny agent for `env_name`; built (minutes) on first use."""
     folder = cache_dir("models") / f"tiny-{env_name}-v{VERSION}"
-    if (folder / "warmstart.json").exists() and not rebuild:
-        return folder
-    recipe = RECIPES[env_name]
+    if rebuild or not cached_agent_is_current(folder, env_name):
+        build_tiny_agent(env_name, folder, RECIPES[env_name])
+    return folder
+
+
+def build_tiny_agent(env_name: str, folder: Path, recipe: dict) -> None:
+    """Play, analyze, tokenize and clone (module doc); write the model and warmstart.json to `folder`."""
     start = time.perf_counter()
     print(f"[warmstart] building the tiny {env_name} agent in {folder} (once; cached afterwards)")
     examples = demonstrations(env_name, recipe["episodes"], recipe["noise"], recipe["hint_share"])
@@ -123,4 +137,3 @@ def tiny_agent_folder(env_name: str, rebuild: bool = False) -> Path:
         shutil.rmtree(folder)
     tmp.rename(folder)
     print(f"[warmstart] done in {time.perf_counter() - start:.0f}s")
-    return folder

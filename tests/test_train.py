@@ -132,7 +132,8 @@ def test_bad_values_are_rejected_with_a_clear_message():
     for argv, message in [(["--env", "minecraft"], "--env must be one of"), (["--algo", "ppo2"], "--algo must be one of"),
                           (["--routing", "random"], "--routing must be one of"),
                           (["--alfworld-task-types", "pick"], "--alfworld-task-types takes"),
-                          (["--env", "search", "--alfworld-task-types", "pick_and_place"], "--alfworld-task-types takes")]:
+                          (["--env", "search", "--alfworld-task-types", "pick_and_place"], "--alfworld-task-types takes"),
+                          (["--eval-split", "test"], "--eval-split must be eval or train")]:
         with pytest.raises(SystemExit, match=message):
             train.resolve_defaults(train.parse_config(argv))
 
@@ -185,6 +186,24 @@ def test_opid_runs_two_iterations_on_every_environment(model_dir, tmp_path, env)
         assert r["routing/share_step"] + r["routing/share_episode"] > 0
         assert "delta/mean_format_tokens" in r and r["time/teacher_s"] >= 0
     assert (tmp_path / "r" / "checkpoint" / "model" / "config.json").exists()
+
+
+def test_eval_split_train_plays_the_training_games(model_dir, tmp_path, monkeypatch):
+    splits = []
+    real_make_env = train.make_env
+
+    def spy(name, split, **kwargs):
+        splits.append(split)
+        return real_make_env(name, split=split, **kwargs)
+
+    monkeypatch.setattr(train, "make_env", spy)
+    cfg = train.parse_config(["--model", str(model_dir), "--out-dir", str(tmp_path), "--name", "r", "--iters", "0",
+                              "--tasks-per-batch", "1", "--group-size", "1", "--max-new-tokens", "4", "--max-steps", "2",
+                              "--alfworld-games", "6", "--eval-episodes", "3", "--eval-split", "train"])
+    train.main(cfg)
+    evals = [r for r in records(tmp_path / "r") if r["kind"] == "eval"]
+    assert [r["split"] for r in evals] == ["train", "train"]  # start and end of a zero-iteration run
+    assert set(splits) == {"train"}  # no eval-split game was ever built
 
 
 @pytest.mark.parametrize("algo", ["grpo", "gigpo", "skill_sd", "rlsd", "opsd", "skill_grpo"])

@@ -47,3 +47,17 @@ def test_the_tiny_response_budget_fits_every_cloned_target():
         assert longest <= budget, (env_name, longest, budget)
         if env_name == "webshop":
             assert longest > 24  # the case the old cap got wrong
+
+
+def test_a_cached_agent_is_reused_only_for_the_current_recipe(tmp_path):
+    import json
+    folder = tmp_path / "tiny-search-v2"
+    assert not warmstart.cached_agent_is_current(folder, "search")  # nothing built yet
+    folder.mkdir()
+    meta = {"env": "search", "recipe": dict(warmstart.RECIPES["search"]), "model_size": dict(warmstart.MODEL_SIZE)}
+    (folder / "warmstart.json").write_text(json.dumps(meta))
+    assert warmstart.cached_agent_is_current(folder, "search")
+    for key, changed in [("recipe", {**meta["recipe"], "epochs": meta["recipe"]["epochs"] + 1}),
+                         ("model_size", {**meta["model_size"], "num_layers": 3})]:
+        (folder / "warmstart.json").write_text(json.dumps({**meta, key: changed}))
+        assert not warmstart.cached_agent_is_current(folder, "search"), key
