@@ -6,6 +6,10 @@
 #   bash scripts/small_scale.sh                        # ALFWorld, 3 seeds, 6 iterations of 4 × 4 rollouts
 #   ENV=search bash scripts/small_scale.sh             # search QA, 3 seeds, 20 iterations of 8 × 8
 #   METHODS="grpo opid" SEEDS="0 1 2" bash scripts/small_scale.sh   # a subset (runs already done are skipped)
+#   PREFIX=alfworld-g16 METHODS="grpo opid" ITERS=12 EVAL_EVERY=6 EVAL_EPISODES=160 \
+#     BATCH="--tasks-per-batch 4 --group-size 8" OUT=results/alfworld-g16 \
+#     EXTRA="--alfworld-games 16 --eval-split train --temperature 0.4 --invalid-penalty 0" bash scripts/small_scale.sh
+#                                                      # 16 games, evaluated on those games (README "Results")
 #
 # Two runs at a time (one torch thread each) on a 2-core machine. Results: results/<env>/.
 set -euo pipefail
@@ -22,6 +26,7 @@ else
   BATCH=${BATCH:-"--tasks-per-batch 8 --group-size 8"}
 fi
 OUT=${OUT:-results/$ENV}
+PREFIX=${PREFIX:-$ENV}   # run names are <PREFIX>-<method>-s<seed>
 mkdir -p "$OUT" runs
 
 declare -A FLAGS=(
@@ -41,7 +46,7 @@ done
 
 start=$(date +%s)
 run_one() {
-  local method=$1 seed=$2 name="$ENV-$1-s$2"
+  local method=$1 seed=$2 name="$PREFIX-$1-s$2"
   if [ -f "runs/$name/checkpoint/state.json" ] && grep -q "\"updates\": $ITERS" "runs/$name/checkpoint/state.json"; then
     echo "skip $name (done)"; return
   fi
@@ -58,7 +63,7 @@ done
 
 runs=(); labels=()
 for method in $METHODS; do
-  for seed in $SEEDS; do runs+=("runs/$ENV-$method-s$seed"); labels+=("$method"); done
+  for seed in $SEEDS; do runs+=("runs/$PREFIX-$method-s$seed"); labels+=("$method"); done
 done
 python eval.py --compare "${runs[@]}" --labels "${labels[@]}" --plot "$OUT/curves.png" --md "$OUT/table.md" --out "$OUT/table.json"
 echo "wall time: $(( $(date +%s) - start )) s"
