@@ -401,8 +401,10 @@ def compare_runs(run_dirs: list[str], labels: list[str] | None = None) -> dict:
     groups: dict[str, dict] = {}
     for run_dir, label in zip(run_dirs, labels):
         records = read_metrics(Path(run_dir))
-        g = groups.setdefault(label, {"runs": [], "finals": [], "curves": []})
+        g = groups.setdefault(label, {"runs": [], "finals": [], "curves": [], "splits": set()})
         g["runs"].append(str(run_dir))
+        # runs from before train.py --eval-split always evaluated on the eval split
+        g["splits"].update(r.get("split", "eval") for r in records if r.get("kind") == "eval")
         g["finals"].append(final_metrics(records))
         g["curves"].append(eval_curve(records))
     out = {}
@@ -412,8 +414,23 @@ def compare_runs(run_dirs: list[str], labels: list[str] | None = None) -> dict:
             values = [f[key] for f in g["finals"] if f[key] is not None]
             mean, std = mean_std(values)
             final[key] = {"mean": mean if values else None, "std": std, "n": len(values), "values": values}
-        out[label] = {"runs": g["runs"], "final": final, "curve": group_curve(g["curves"])}
+        out[label] = {"runs": g["runs"], "final": final, "curve": group_curve(g["curves"]),
+                      "eval_splits": sorted(g["splits"])}
     return out
+
+
+def split_note(groups: dict) -> str:
+    """A line saying which split the evaluations played, unless every run used the eval split;
+    runs evaluated on different splits are flagged as not comparable."""
+    splits = {s for g in groups.values() for s in g["eval_splits"]}
+    if splits <= {"eval"}:
+        return ""
+    note = "Evaluation split: " + ", ".join(f"{label} on {'+'.join(g['eval_splits'])}" for label, g in groups.items())
+    if len(splits) > 1:
+        note += " — different splits, so these success rates are not comparable."
+    else:
+        note += " (the games trained on: this measures fitting them, not generalisation)."
+    return note
 
 
 def compare_table(groups: dict) -> str:
@@ -564,7 +581,7 @@ def main(argv=None) -> dict:
         groups = compare_runs(args.compare, args.labels)
         reference = args.reference or ("grpo" if "grpo" in groups else next(iter(groups)))
         eff = efficiency(groups, reference)
-        table = "\n\n".join(t for t in (compare_table(groups), "Eval success at each budget (mean ± std over seeds):\n\n"
+        table = "\n\n".join(t for t in (split_note(groups), compare_table(groups), "Eval success at each budget (mean ± std over seeds):\n\n"
                                           + budget_table(groups), efficiency_table(eff)) if t)
         print(table)
         write_text(args.md, table + "\n")

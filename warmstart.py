@@ -29,7 +29,7 @@ import policy
 import skills
 from envs import cache_dir, make_env
 
-VERSION = 2  # bump when the recipe changes: the cache folder name changes with it
+VERSION = 2  # bump when the cloning code changes (a changed RECIPES entry alone triggers a rebuild)
 # per environment: episodes to play, behaviour noise, share of hinted copies, cloning epochs,
 # cap on examples, weight of the prompt-token loss
 RECIPES = {

@@ -214,3 +214,14 @@ def test_efficiency_is_undefined_when_the_reference_never_improves(tmp_path):
     # target 0.1 is already met at the first evaluation (0 steps): no fraction can be formed
     assert eff["steps"] == {"grpo": 0, "opid": 0} and eff["fraction"] == {"grpo": None, "opid": None}
     assert "grpo never rose above its first evaluation" in ev.efficiency_table(eff)
+
+
+def test_compare_says_when_runs_were_evaluated_on_the_train_split(tmp_path, fake_runs, capsys):
+    assert ev.split_note(ev.compare_runs(fake_runs)) == ""  # old records without "split": the eval split
+    train_split = [{**ev_line(0, 0, 0.1), "split": "train"}, {**ev_line(1, 50, 0.3), "split": "train"}]
+    g16 = write_run(tmp_path / "g16-s0", train_split)
+    ev.main(["--compare", str(g16), "--labels", "grpo"])
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert first_line.startswith("Evaluation split: grpo on train") and "not comparable" not in first_line
+    mixed = ev.split_note(ev.compare_runs([str(g16), fake_runs[2]], ["g16", "grpo"]))
+    assert "g16 on train, grpo on eval" in mixed and "not comparable" in mixed
