@@ -581,8 +581,9 @@ def main(argv=None) -> dict:
         groups = compare_runs(args.compare, args.labels)
         reference = args.reference or ("grpo" if "grpo" in groups else next(iter(groups)))
         eff = efficiency(groups, reference)
-        table = "\n\n".join(t for t in (split_note(groups), compare_table(groups), "Eval success at each budget (mean ± std over seeds):\n\n"
-                                          + budget_table(groups), efficiency_table(eff)) if t)
+        budgets = "Eval success at each budget (mean ± std over seeds):\n\n" + budget_table(groups)
+        parts = (split_note(groups), compare_table(groups), budgets, efficiency_table(eff))
+        table = "\n\n".join(part for part in parts if part)
         print(table)
         write_text(args.md, table + "\n")
         plotted = plot_curves(groups, args.plot) if args.plot else False

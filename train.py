@@ -558,10 +558,12 @@ def main(cfg: Config) -> Path:
         nonlocal num_eval_tasks
         if cfg.eval_episodes <= 0 or not accelerator.is_main_process:
             return
+        def make_eval_env():
+            return make_env(cfg.env, split=cfg.eval_split, **env_kwargs(cfg))
         if num_eval_tasks is None:
-            num_eval_tasks = make_env(cfg.env, split=cfg.eval_split, **env_kwargs(cfg)).num_tasks()
+            num_eval_tasks = make_eval_env().num_tasks()
         summary, _ = rollout.evaluate_policy(
-            unwrapped, tokenizer, lambda: make_env(cfg.env, split=cfg.eval_split, **env_kwargs(cfg)), num_eval_tasks,
+            unwrapped, tokenizer, make_eval_env, num_eval_tasks,
             episodes=cfg.eval_episodes, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
             greedy=cfg.eval_greedy, seed=cfg.seed)
         append_metrics(metrics_path, {"kind": "eval", "updates": state["updates"], "env_steps": state["env_steps"],
