@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from envs import cache_dir, make_env
 
 VERSION = 2  # bump when the cloning code changes (a changed RECIPES entry alone triggers a rebuild)
 # per environment: episodes to play, behaviour noise, share of hinted copies, cloning epochs,
-# cap on examples, weight of the prompt-token loss
+# cap on examples, weight of the prompt-token loss (and optional keys, defaults in RECIPE_DEFAULTS)
+RECIPE_DEFAULTS = dict(spaced_targets=False)  # a space inside the answer tags (see `respond`)
 RECIPES = {
     "alfworld": dict(episodes=120, noise=0.3, hint_share=0.5, epochs=6, max_examples=4000, prompt_loss_weight=1.0),
     "webshop": dict(episodes=300, noise=0.3, hint_share=0.5, epochs=2, max_examples=2000, prompt_loss_weight=1.0),
@@ -47,11 +49,18 @@ TINY_MAX_NEW_TOKENS = {"alfworld": 24, "webshop": 48, "search": 24}
 MODEL_SIZE = dict(hidden_size=128, num_layers=2)
 
 
-def respond(env, action: str) -> str:
-    """The response text a tag-following agent without <think> writes for `action`."""
-    if action.lstrip().startswith("<"):
-        return action  # search QA's oracle already answers in tagged form
-    return f"<action>{action}</action>"
+def respond(env, action: str, spaced: bool = False) -> str:
+    """The response text a tag-following agent without <think> writes for `action`.
+
+    `spaced` puts a space inside the tags (`<search> Rilbrir Bemstund born </search>`). A byte-level
+    BPE token carries its leading space, so "Rilbrir" right after ">" and " Rilbrir" in the question
+    are different tokens; an agent cloned on unspaced targets must emit a token it has only seen for
+    the training set's names, and on new questions it writes a memorised first name instead.
+    """
+    tagged = action if action.lstrip().startswith("<") else f"<action>{action}</action>"  # QA's oracle tags itself
+    if spaced:
+        tagged = re.sub(r"<(\w+)>\s*(.*?)\s*</\1>", r"<\1> \2 </\1>", tagged, flags=re.DOTALL)
+    return tagged
 
 
 def noisy_action(env, info: dict, rng: random.Random, noise: float) -> str:
@@ -65,7 +74,8 @@ def noisy_action(env, info: dict, rng: random.Random, noise: float) -> str:
     return rng.choice(choices) if choices else expert
 
 
-def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float, seed: int = 0) -> list[tuple[str, str]]:
+def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float, seed: int = 0,
+                   spaced_targets: bool = False) -> list[tuple[str, str]]:
     """(prompt text, response text) pairs from noisy-expert play, with hinted copies (see module doc)."""
     rng = random.Random(seed)
     env = make_env(env_name, split="train", think=False, history_length=TINY_HISTORY[env_name])
@@ -77,8 +87,8 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
         _, info = env.reset(episode % env.num_tasks())
         steps, records, done = [], [], False
         while not done:
-            prompt, target = env.prompt(), respond(env, env.expert_action())
-            taken = respond(env, noisy_action(env, info, rng, noise))
+            prompt, target = env.prompt(), respond(env, env.expert_action(), spaced_targets)
+            taken = respond(env, noisy_action(env, info, rng, noise), spaced_targets)
             observation = info.get("anchor_obs", "")
             _, reward, done, info = env.step(taken)
             records.append((prompt, target))
@@ -103,7 +113,13 @@ def cached_agent_is_current(folder: Path, env_name: str) -> bool:
     if not meta_path.exists():
         return False
     meta = json.loads(meta_path.read_text())
-    return meta.get("recipe") == RECIPES[env_name] and meta.get("model_size") == MODEL_SIZE
+    return (full_recipe(meta.get("recipe") or {}) == full_recipe(RECIPES[env_name])
+            and meta.get("model_size") == MODEL_SIZE)
+
+
+def full_recipe(recipe: dict) -> dict:
+    """`recipe` with the optional keys filled in (a build from before a key existed used its default)."""
+    return {**RECIPE_DEFAULTS, **recipe}
 
 
 def tiny_agent_folder(env_name: str, rebuild: bool = False) -> Path:
@@ -118,7 +134,8 @@ def build_tiny_agent(env_name: str, folder: Path, recipe: dict) -> None:
     """Play, analyze, tokenize and clone (module doc); write the model and warmstart.json to `folder`."""
     start = time.perf_counter()
     print(f"[warmstart] building the tiny {env_name} agent in {folder} (once; cached afterwards)")
-    examples = demonstrations(env_name, recipe["episodes"], recipe["noise"], recipe["hint_share"])
+    examples = demonstrations(env_name, recipe["episodes"], recipe["noise"], recipe["hint_share"],
+                              spaced_targets=full_recipe(recipe)["spaced_targets"])
     random.Random(0).shuffle(examples)
     examples = examples[:recipe["max_examples"]]
     print(f"[warmstart] {len(examples)} cloning examples from {recipe['episodes']} noisy-expert episodes "

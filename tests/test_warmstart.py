@@ -27,7 +27,7 @@ def test_demonstrations_are_deterministic():
 def test_every_recipe_names_what_the_builder_reads():
     needed = {"episodes", "noise", "hint_share", "epochs", "max_examples", "prompt_loss_weight"}
     for env_name, recipe in warmstart.RECIPES.items():
-        assert set(recipe) == needed, env_name
+        assert needed <= set(recipe) <= needed | set(warmstart.RECIPE_DEFAULTS), env_name
         assert 0 <= recipe["noise"] < 1 and 0 <= recipe["hint_share"] <= 1 and recipe["epochs"] >= 1
     assert set(warmstart.RECIPES) == set(warmstart.TINY_HISTORY)
 
@@ -49,7 +49,29 @@ def test_the_tiny_response_budget_fits_every_cloned_target():
             assert longest > 24  # the case the old cap got wrong
 
 
-def test_a_cached_agent_is_reused_only_for_the_current_recipe(tmp_path):
+def test_spaced_targets_keep_the_prompt_token_of_a_copied_name():
+    import policy
+    assert warmstart.respond(None, "<search>Rilbrir Bemstund born</search>", spaced=True) == \
+        "<search> Rilbrir Bemstund born </search>"
+    assert warmstart.respond(None, "<answer> 1831</answer>", spaced=True) == "<answer> 1831 </answer>"
+    assert warmstart.respond(None, "go to shelf 1", spaced=True) == "<action> go to shelf 1 </action>"
+    assert warmstart.respond(None, "go to shelf 1") == "<action>go to shelf 1</action>"  # the default is unchanged
+    question = "In what year was Rilbrir Bemstund born?"
+    tokenizer = policy.train_tiny_tokenizer([question, "Rilbrir Bemstund", "<search>Rilbrir"] * 20)
+    name = tokenizer.encode(" Rilbrir", add_special_tokens=False)
+    in_question = tokenizer.encode(question, add_special_tokens=False)
+    spaced = tokenizer.encode(warmstart.respond(None, "<search>Rilbrir Bemstund born</search>", spaced=True),
+                              add_special_tokens=False)
+    unspaced = tokenizer.encode("<search>Rilbrir Bemstund born</search>", add_special_tokens=False)
+    assert len(name) == 1 and name[0] in in_question  # the name is one token in the question ...
+    assert name[0] in spaced                           # ... and the same id in the spaced response,
+    assert name[0] not in unspaced                     # but another one right after ">"
+    # the environments read the spaced form exactly as the unspaced one
+    from envs import parse_response
+    assert parse_response("<search> Rilbrir Bemstund born </search>", ("search", "answer")).action == "Rilbrir Bemstund born"
+
+
+def test_a_cached_agent_is_reused_only_for_the_current_recipe(tmp_path, monkeypatch):
     import json
     folder = tmp_path / "tiny-search-v2"
     assert not warmstart.cached_agent_is_current(folder, "search")  # nothing built yet
@@ -61,3 +83,11 @@ def test_a_cached_agent_is_reused_only_for_the_current_recipe(tmp_path):
                          ("model_size", {**meta["model_size"], "num_layers": 3})]:
         (folder / "warmstart.json").write_text(json.dumps({**meta, key: changed}))
         assert not warmstart.cached_agent_is_current(folder, "search"), key
+    # a build from before the optional key existed is current for a recipe that leaves it at its
+    # default, and stale for one that sets it
+    base = {k: v for k, v in meta["recipe"].items() if k not in warmstart.RECIPE_DEFAULTS}
+    (folder / "warmstart.json").write_text(json.dumps({**meta, "recipe": base}))
+    monkeypatch.setitem(warmstart.RECIPES, "search", {**base, "spaced_targets": False})
+    assert warmstart.cached_agent_is_current(folder, "search")
+    monkeypatch.setitem(warmstart.RECIPES, "search", {**base, "spaced_targets": True})
+    assert not warmstart.cached_agent_is_current(folder, "search")
