@@ -377,6 +377,12 @@ def webshop_score(product: dict, chosen: dict, goal: dict) -> float:
     return type_match(product, goal) * matched / total
 
 
+def best_purchase_score(product: dict, goal: dict) -> float:
+    """Score of buying `product` with every goal option it offers chosen (the expert's test)."""
+    chosen = {g: v for g, v in goal["goal_options"].items() if v in product["options"].get(g, [])}
+    return webshop_score(product, chosen, goal)
+
+
 def privileged_text(goal: dict) -> str:
     """Ground truth shown to the OPSD teacher (§10): what an ideal purchase must satisfy."""
     options = goal["goal_options"]  # a dict here; a list of strings in WebShop's human goals
@@ -591,32 +597,38 @@ class WebShopEnv:
 
     # --- oracle ------------------------------------------------------------------------
     def expert_action(self) -> str | None:
-        """Next action of an oracle that knows the target product (works from any state):
-        search the instruction (the target's title if the instruction does not retrieve it),
-        page to the target, open it, choose each goal option, buy."""
+        """Next action of an oracle that knows the goal (works from any state): search the
+        instruction (the target's title if no result could score 1), page to the FIRST result that
+        would score 1 with the goal's options, open it, choose each goal option, buy. Buying the
+        first good enough result rather than the hidden target keeps the choice readable from the
+        page (the target is often not the first match), so behaviour cloning can learn it."""
         if self.goal is None or self.done:
             return None
-        target = self.catalogue["by_asin"][self.goal["asin"]]
         if self.page == "search":
             query = self.goal["search_query"]
-            if target not in search_products(self.catalogue, query):
-                query = self._product(target)["title"]
+            if self._first_full_score(search_products(self.catalogue, query)) is None:
+                query = self._product(self.catalogue["by_asin"][self.goal["asin"]])["title"]
             return f"search[{query}]"
         if self.page == "results":
-            if target not in self.results:
+            wanted = self._first_full_score(self.results)
+            if wanted is None:
                 return "click[back to search]"
-            wanted = self.results.index(target) // RESULTS_PER_PAGE
-            if wanted > self.page_no:
+            wanted_page = self.results.index(wanted) // RESULTS_PER_PAGE
+            if wanted_page > self.page_no:
                 return "click[next >]"
-            if wanted < self.page_no:
+            if wanted_page < self.page_no:
                 return "click[< prev]"
-            return f"click[{self._product(target)['asin'].lower()}]"
-        if self.page == "sub" or self.item != target:
+            return f"click[{self._product(wanted)['asin'].lower()}]"
+        if self.page == "sub" or best_purchase_score(self._product(), self.goal) < 1.0:
             return "click[< prev]"
         for group, value in self.goal["goal_options"].items():
             if self.chosen.get(group) != value:
                 return f"click[{value}]"
         return "click[buy now]"
+
+    def _first_full_score(self, results: list[int]) -> int | None:
+        """The first of `results` that scores 1 when bought with the goal's options, if any."""
+        return next((i for i in results if best_purchase_score(self.catalogue["products"][i], self.goal) >= 1.0), None)
 
 
 # ---------------------------------------------------------------------------------------------

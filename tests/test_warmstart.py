@@ -91,3 +91,5 @@ def test_a_cached_agent_is_reused_only_for_the_current_recipe(tmp_path, monkeypa
     assert warmstart.cached_agent_is_current(folder, "search")
     monkeypatch.setitem(warmstart.RECIPES, "search", {**base, "spaced_targets": True})
     assert not warmstart.cached_agent_is_current(folder, "search")
+    monkeypatch.setitem(warmstart.RECIPES, "search", {**base, "expert_version": 2})  # a new expert
+    assert not warmstart.cached_agent_is_current(folder, "search")

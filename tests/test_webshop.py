@@ -156,6 +156,28 @@ def test_expert_recovers_from_a_detour(env):
     assert info["won"]
 
 
+def test_expert_buys_the_first_result_that_scores_one_not_the_hidden_target():
+    train = WebShopEnv(split="train")
+    train.reset(3)  # "a gold plated hdmi cable, price lower than 30": the target is the 4th result
+    train.step(act(train.expert_action()))
+    catalogue, goal = train.catalogue, train.goal
+    target = catalogue["by_asin"][goal["asin"]]
+    first = train.results[0]
+    assert train.results.index(target) == 3
+    assert webshop.best_purchase_score(catalogue["products"][first], goal) == 1.0
+    assert train.expert_action() == f"click[{catalogue['products'][first]['asin'].lower()}]"
+    done, info = False, {}
+    while not done:
+        _, reward, done, info = train.step(act(train.expert_action()))
+    assert info["won"] and reward == 10.0 and train.item == first != target
+
+
+def test_best_purchase_score_chooses_the_goal_options_the_product_offers():
+    assert webshop.best_purchase_score(LIP_BALM, GOAL) == 1.0
+    no_cherry = {**LIP_BALM, "options": {"flavor": ["mint"]}}  # 3 attributes + price of 5 items match
+    assert webshop.best_purchase_score(no_cherry, GOAL) == pytest.approx(4 / 5)
+
+
 def test_random_admissible_policy_is_far_below_expert(env):
     rng, wins = random.Random(0), 0
     for episode in range(60):
