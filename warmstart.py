@@ -15,7 +15,7 @@ Recipe (deterministic, cached under cache_dir("models", "tiny-<env>-v<N>")):
 3. Train a byte-level BPE tokenizer on this text, build the model, and clone. The loss also
    models the prompt tokens (`prompt_loss_weight`): a model this small, trained from scratch on
    the responses alone, never learned to copy names out of its prompt ("take candle 1" when the
-   shelf holds candle 2) and won no ALFWorld game; see README "The tiny agent".
+   shelf holds candle 2) and won no ALFWorld game; see README "Models" and "Results".
 Cloning stops well short of the expert on purpose: the agent should leave room for RL.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ RECIPE_DEFAULTS = dict(
 )
 RECIPES = {
     "alfworld": dict(episodes=120, noise=0.3, hint_share=0.5, epochs=6, max_examples=4000, prompt_loss_weight=1.0),
-    # expert v2 buys the first result that scores 1, not the hidden target (README "The tiny agent")
+    # expert v2 buys the first result that scores 1, not the hidden target (README "Results")
     "webshop": dict(episodes=300, noise=0.3, hint_share=0.5, epochs=6, max_examples=2000, prompt_loss_weight=1.0,
                     expert_version=2),
     "search": dict(episodes=600, noise=0.3, hint_share=0.5, epochs=2, max_examples=2000, prompt_loss_weight=1.0),

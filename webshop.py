@@ -628,7 +628,7 @@ class WebShopEnv:
 
     def _first_full_score(self, results: list[int]) -> int | None:
         """The first of `results` that scores 1 when bought with the goal's options, if any."""
-        return next((i for i in results if best_purchase_score(self.catalogue["products"][i], self.goal) >= 1.0), None)
+        return next((i for i in results if best_purchase_score(self._product(i), self.goal) >= 1.0), None)
 
 
 # ---------------------------------------------------------------------------------------------
