@@ -55,23 +55,35 @@ def _count(text: str, tag: str) -> tuple[int, int]:
     return text.count(f"<{tag}>"), text.count(f"</{tag}>")
 
 
+CHINESE_CHARACTERS = re.compile(r"[\u4e00-\u9fff]")  # the CJK range the authors' projections reject
+VALIDITY_RULES = ("format", "admissible")  # what makes a step invalid, see parse_response / AlfWorldEnv
+
+
 def parse_response(text: str, answer_tags: tuple[str, ...] = ("action",),
                    require_think: bool = False) -> ParsedResponse:
-    """Extract the single answer of a model response; never raises.
+    """Extract the single answer of a model response; never raises (docs/method.md §2).
 
-    Invalid when: the text is not a string, an answer tag is missing or repeated, more than one
-    kind of answer tag is used, the content is empty, too long or contains control characters,
-    or (with `require_think`) the `<think>…</think>` block is missing or repeated.
+    Validity is about the format only (as in the authors' projections, arXiv 2606.26790): invalid
+    when the text is not a string, holds Chinese characters, an answer tag is missing or repeated,
+    more than one kind of answer tag is used, the content is empty, too long or contains control
+    characters, or — with `require_think` — the `<think>…</think>` block is missing, repeated, or
+    does not close before the answer tag opens (`<think>… <action>look</action></think>` is
+    invalid: the action must follow the reasoning). Whether the action is one the environment
+    accepts is the environment's business.
     """
     def bad(reason: str) -> ParsedResponse:
         return ParsedResponse("", "", False, reason)
 
     if not isinstance(text, str):
         return bad(f"response is {type(text).__name__}, not text")
+    if CHINESE_CHARACTERS.search(text):
+        return bad("Chinese characters in the response")
     if require_think:
         opens, closes = _count(text, "think")
         if opens != 1 or closes != 1:
             return bad("missing or repeated <think>...</think> block")
+        if text.index("</think>") < text.index("<think>"):
+            return bad("</think> comes before <think>")
     used = [t for t in answer_tags if any(_count(text, t))]
     if not used:
         return bad("no " + " or ".join(f"<{t}>" for t in answer_tags) + " tag")
@@ -84,6 +96,8 @@ def parse_response(text: str, answer_tags: tuple[str, ...] = ("action",),
     match = re.search(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
     if match is None:
         return bad(f"</{tag}> comes before <{tag}>")
+    if require_think and match.start() < text.index("</think>"):
+        return bad(f"<{tag}> opens before </think> closes the reasoning")
     content = match.group(1).strip()
     if not content:
         return bad(f"empty <{tag}>")
@@ -381,17 +395,24 @@ class AlfWorldEnv:
     `.../valid_unseen` (split "eval"); movable-receptacle and sliced games are skipped as in
     alfworld's own loader.
 
-    Steps: `step` parses the raw response (`parse_response`); an unparsable response or an action
-    not in the admissible list is invalid: the engine is not touched (its answer to an unknown
-    command is "Nothing happens.", which is what the step returns), the step counts and the
-    episode goes on. Reward 10 on the winning step, else 0; `done` on a win or after `max_steps`.
+    Steps: `step` parses the raw response (`parse_response`) and lower-cases the action (as the
+    authors' projection does). With `validity="format"` (default, the authors' rule) only a
+    malformed response is invalid; a well-formed action that is not admissible is a valid step the
+    engine answers with "Nothing happens." With `validity="admissible"` (ablation) such an action
+    is invalid too. Either way an action outside the admissible list leaves the world as it was —
+    the engine matches commands exactly against its admissible ones and otherwise only answers
+    "Nothing happens." — so that answer is given without stepping the engine, which keeps the
+    hand-coded expert's tracking (OPSD's privileged text) from counting a command that did
+    nothing. The step counts and the episode goes on. Reward 10 on the winning step, else 0;
+    `done` on a win or after `max_steps`.
 
     Arguments: `history_length` H (observation, action) pairs in the prompt; `max_steps` 30 (50 in
     the GiGPO setting); `think` selects the template with <think> (required by the parser) or the
     short one; `n_games` the generated split's size (default 240 train / 60 eval; with official
     data, the first `n_games` games); `train_games` the train split an eval split is kept disjoint
     from (default 240); `seed` of the expert's random draws (0 = the run checked at generation);
-    `task_types` keeps only games of those types (e.g. ("pick_and_place",); empty: all six).
+    `task_types` keeps only games of those types (e.g. ("pick_and_place",); empty: all six);
+    `validity` "format" | "admissible" (see Steps).
     """
 
     name = "alfworld"
@@ -400,7 +421,9 @@ class AlfWorldEnv:
     def __init__(self, split: str = "train", history_length: int = 5, max_steps: int = 30,
                  think: bool = True, data_dir: str | os.PathLike | None = None,
                  n_games: int | None = None, train_games: int | None = None, seed: int = 0,
-                 task_types: tuple[str, ...] = ()):
+                 task_types: tuple[str, ...] = (), validity: str = "format"):
+        if validity not in VALIDITY_RULES:
+            raise ValueError(f"unknown validity rule {validity!r}; expected one of {VALIDITY_RULES}")
         import worlds   # generator of the offline games; imports envs for the engine
         folder = Path(data_dir) if data_dir else _official_folder(split)
         self.official = folder is not None
@@ -419,7 +442,7 @@ class AlfWorldEnv:
             if not self.game_files:
                 raise FileNotFoundError(f"no ALFWorld games of type {sorted(task_types)} under {folder}")
         self.split, self.history_length, self.max_steps, self.think = split, history_length, max_steps, think
-        self.seed = seed
+        self.seed, self.validity = seed, validity
         self._game: AlfredGame | None = None
         self.task, self.task_type, self.task_index = "", "", -1
         self.done = True
@@ -450,10 +473,11 @@ class AlfWorldEnv:
             info = self._info(anchor, "", False, "the episode is over; call reset()")
             return self.observation, 0.0, True, info
         parsed = parse_response(response_text, self.answer_tags, require_think=self.think)
-        action, reason = parsed.action, parsed.reason
-        if parsed.valid and action not in self.admissible_actions():
+        action, reason = parsed.action.lower(), parsed.reason
+        admissible = parsed.valid and action in self.admissible_actions()
+        if parsed.valid and not admissible and self.validity == "admissible":
             reason = f"'{action}' is not one of the admissible actions"
-        if reason:
+        if not admissible:
             observation = NOTHING_HAPPENS   # the engine's answer; its state (and the expert's) is untouched
         else:
             state, _, _ = self._game.step(action)

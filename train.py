@@ -62,6 +62,7 @@ class Config:
     history_length: int | None = arg(None, "H: past (observation, action) pairs in the prompt (5 / 2 / 4)")
     think: bool | None = arg(None, "ask for <think> reasoning before the action (default: off for tiny, on otherwise)")
     invalid_penalty: float | None = arg(None, "score penalty per invalid step (0.1 / 0.1 / 0.01)")
+    validity: str = arg("format", "what is an invalid step: format (a malformed response, as the authors) | admissible (also a well-formed action ALFWorld/WebShop cannot carry out)")
     penalty_scope: str = arg("step", "where the invalid penalty lands: step (the invalid step's sample, as the authors) | trajectory (every step, ablation)")
     webshop_backend: str = arg("sim", "WebShop: sim (offline simulator) | official (web_agent_site, see webshop.py)")
     search_retriever: str = arg("bm25", "search QA: bm25 (in-process over the corpus) | server (Search-R1 /retrieve)")
@@ -134,6 +135,8 @@ def resolve_defaults(cfg: Config) -> Config:
         raise SystemExit("--critical-steps must be analyzer or statistics")
     if cfg.penalty_scope not in ("step", "trajectory"):
         raise SystemExit(f"--penalty-scope must be step or trajectory, got {cfg.penalty_scope!r}")
+    if cfg.validity not in ("format", "admissible"):
+        raise SystemExit(f"--validity must be format or admissible, got {cfg.validity!r}")
     if cfg.eval_split not in ("eval", "train"):
         raise SystemExit(f"--eval-split must be eval or train, got {cfg.eval_split!r}")
     if cfg.tasks_per_batch < 1 or cfg.group_size < 1 or cfg.iters < 0:
@@ -226,6 +229,8 @@ def env_kwargs(cfg: Config) -> dict:
         kwargs.update(n_games=cfg.alfworld_games, train_games=cfg.alfworld_games)
     if cfg.env == "alfworld" and cfg.alfworld_task_types:
         kwargs.update(task_types=alfworld_task_types(cfg))
+    if cfg.env in ("alfworld", "webshop"):  # search QA has no admissible list: its validity is the format
+        kwargs.update(validity=cfg.validity)
     if cfg.env == "webshop" and cfg.webshop_backend != "sim":
         kwargs.update(backend=cfg.webshop_backend)
     if cfg.env == "search":

@@ -32,7 +32,7 @@ import random
 import os
 import re
 
-from envs import cache_dir, parse_response
+from envs import VALIDITY_RULES, cache_dir, parse_response
 
 CATALOGUE_VERSION = 1     # bump when the generator changes: it names the cached JSON file
 RESULTS_PER_PAGE = 10
@@ -441,14 +441,24 @@ class WebShopEnv:
 
     State: page in {"search", "results", "item", "sub"}, the current result list and page
     number, the open product, the options chosen on it, and the sub-page shown.
+
+    Validity (docs/method.md §2): with `validity="format"` (default, the authors' rule) only a
+    malformed response is invalid (`envs.parse_response`, `<think>` required when `think`); a
+    well-formed action the page cannot carry out (a click on something not on the page, an
+    unknown command, a search without a search box) is a valid step that leaves the page as it
+    was, as the official WebShop text environment does. `validity="admissible"` (ablation) makes
+    such actions invalid.
     """
     name = "webshop"
     answer_tags = ("action",)
 
     def __init__(self, split: str = "train", history_length: int = 2, max_steps: int = 15,
-                 think: bool = True, seed: int = 0, num_products: int = 1500):
+                 think: bool = True, seed: int = 0, num_products: int = 1500, validity: str = "format"):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        if validity not in VALIDITY_RULES:
+            raise ValueError(f"unknown validity rule {validity!r}; expected one of {VALIDITY_RULES}")
+        self.validity = validity
         self.catalogue = load_catalogue(seed, num_products)
         self.goals = self.catalogue[split]
         self.split, self.history_length, self.max_steps, self.think = split, history_length, max_steps, think
@@ -531,10 +541,12 @@ class WebShopEnv:
                                                             "invalid_reason": "reset() was never called"}
         if self.done:
             return self.observation, 0.0, True, self._info(False, "the episode is over", "", anchor)
-        parsed = parse_response(response_text, self.answer_tags)
+        parsed = parse_response(response_text, self.answer_tags, require_think=self.think)
         action, reason, reward = parsed.action, parsed.reason, 0.0
         if parsed.valid:
             reason = self._apply(action)
+            if self.validity == "format":
+                reason = ""  # well-formed: a command the page cannot carry out just changes nothing
         self.steps += 1
         if self.page == "done":
             reward = 10.0 if self.score >= 1.0 - 1e-9 else 0.0
@@ -649,7 +661,10 @@ class OfficialWebShopEnv(WebShopEnv):
     """
 
     def __init__(self, split: str = "train", history_length: int = 2, max_steps: int = 15,
-                 think: bool = True, num_products: int | None = None):
+                 think: bool = True, num_products: int | None = None, validity: str = "format"):
+        if validity not in VALIDITY_RULES:
+            raise ValueError(f"unknown validity rule {validity!r}; expected one of {VALIDITY_RULES}")
+        self.validity = validity
         try:
             from web_agent_site.envs import WebAgentTextEnv
         except ImportError as error:
@@ -688,14 +703,17 @@ class OfficialWebShopEnv(WebShopEnv):
 
     def _apply(self, action: str) -> str:
         command = _parse_action(action)
-        if command is None:
-            return "not an action: use search[your query] or click[a clickable on the page]"
-        verb, arg = command
-        if verb == "search" and not self.has_search:
-            return "no search box on this page (click[back to search] first)"
-        if verb == "click" and arg.lower() not in self.clickables:
-            return f"'{arg}' is not clickable on this page"
-        text, reward, done, _ = self.env.step(f"{verb}[{arg if verb == 'search' else self.original[arg.lower()]}]")
+        verb, arg = command or ("", "")
+        reason = ("not an action: use search[your query] or click[a clickable on the page]" if command is None else
+                  "no search box on this page (click[back to search] first)" if verb == "search" and not self.has_search
+                  else f"'{arg}' is not clickable on this page" if verb == "click" and arg.lower() not in self.clickables
+                  else "")
+        if reason and self.validity == "admissible":
+            return reason
+        # "format": the official environment gets every well-formed action; it carries out what it can
+        # and leaves the page as it was otherwise
+        sent = action if command is None else f"{verb}[{self.original.get(arg.lower(), arg) if verb == 'click' else arg}]"
+        text, reward, done, _ = self.env.step(sent)
         if done:
             self.score, self.page = float(reward), "done"
         self._refresh(text)

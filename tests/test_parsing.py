@@ -1,6 +1,7 @@
-"""Response parsing (envs.parse_response) and the ALFWorld prompt template (CONTRACT.md)."""
+"""Response parsing (envs.parse_response), ALFWorld validity, and the ALFWorld prompt template."""
 import random
 
+import pytest
 
 import envs
 from envs import parse_response
@@ -63,6 +64,30 @@ def test_think_required():
     assert parse_response("<action>look</action>", require_think=False).valid
 
 
+def test_think_must_close_before_the_answer_opens():
+    # the authors only look for both think tags; here the action must follow the reasoning
+    inside = parse_response("<think>maybe <action>look</action></think>", require_think=True)
+    assert not inside.valid and "before </think>" in inside.reason
+    after = parse_response("<action>look</action><think>why</think>", require_think=True)
+    assert not after.valid and "before </think>" in after.reason
+    swapped = parse_response("</think>x<think><action>look</action>", require_think=True)
+    assert not swapped.valid and "</think> comes before <think>" in swapped.reason
+    assert parse_response("<think>a</think> <action>look</action>", require_think=True).valid
+    # thinking not asked for: a think block anywhere is just text
+    assert parse_response("<think>maybe <action>look</action></think>").valid
+    searched = parse_response("<think>q</think><search>x</search>", ("search", "answer"), require_think=True)
+    assert searched.valid and searched.tag == "search"
+
+
+def test_chinese_characters_make_a_response_invalid():
+    # the authors' projections reject any character of U+4E00–U+9FFF anywhere in the text
+    for text in ("<think>我想</think><action>look</action>", "<action>look</action> 好", "<action>打开 fridge 1</action>"):
+        p = parse_response(text)
+        assert not p.valid and p.reason == "Chinese characters in the response"
+    assert parse_response("<action>look</action>。").valid  # U+3002 (punctuation) is outside that range
+    assert parse_response("<action>café crème</action>").valid
+
+
 def test_search_answer_tags():
     p = parse_response("<search>capital of France</search>", answer_tags=("search", "answer"))
     assert (p.valid, p.tag, p.action) == (True, "search", "capital of France")
@@ -122,13 +147,14 @@ def test_template_history_window_and_no_think(small_cache):
 
 
 def test_invalid_responses_counted_and_episode_goes_on(small_cache):
-    env = make(small_cache, think=True, max_steps=6)
+    env = make(small_cache, think=True, max_steps=7)
     env.reset(2)
     rng = random.Random(1)
     junk = bytes(rng.randrange(256) for _ in range(10_000)).decode("utf-8", errors="replace")
     bad = ["", junk, "<action>look</action>",                         # missing think
-           "<think>x</think><action>dance wildly</action>",           # not admissible
-           "<think>x</think><action>look</action><action>look</action>"]
+           "<think>x <action>look</action></think>",                  # action inside the reasoning
+           "<think>x</think><action>look</action><action>look</action>",
+           "<think>想</think><action>look</action>"]                   # Chinese characters
     reasons = []
     for i, response in enumerate(bad, start=1):
         obs, reward, done, info = env.step(response)
@@ -136,9 +162,37 @@ def test_invalid_responses_counted_and_episode_goes_on(small_cache):
         assert obs == "Nothing happens." and reward == 0.0 and not done
         assert env.steps == i
         reasons.append(info["invalid_reason"])
-    assert reasons[3] == "'dance wildly' is not one of the admissible actions"
-    assert "think" in reasons[2]
+    assert "think" in reasons[2] and "before </think>" in reasons[3] and "Chinese" in reasons[5]
     obs, reward, done, info = env.step("<think>x</think><action>look</action>")
-    assert info["action_valid"] and done and env.steps == 6            # max_steps reached
+    assert info["action_valid"] and done and env.steps == 7            # max_steps reached
     obs, reward, done, info = env.step("<think>x</think><action>look</action>")
     assert done and not info["action_valid"]                           # stepping past the end is harmless
+
+
+def test_non_admissible_action_is_a_valid_step_by_default(small_cache):
+    """Format-only validity (the authors' rule): a well-formed action the world cannot carry out
+    is answered "Nothing happens.", counted, and valid (no penalty); the world is untouched."""
+    env = make(small_cache, think=False, max_steps=5)
+    env.reset(2)
+    before = sorted(env.admissible_actions())
+    obs, reward, done, info = env.step("<action>dance wildly</action>")
+    assert (obs, reward, done, env.steps) == ("Nothing happens.", 0.0, False, 1)
+    assert info["action_valid"] and info["invalid_reason"] == "" and info["action"] == "dance wildly"
+    assert sorted(env.admissible_actions()) == before
+    assert env.history[-1][1] == "dance wildly"
+    # actions are lower-cased before the engine sees them, as in the authors' projection
+    first = before[0]
+    obs, _, _, info = env.step(f"<action>{first.upper()}</action>")
+    assert info["action_valid"] and info["action"] == first and obs != "Nothing happens."
+
+
+def test_admissible_validity_is_kept_as_an_option(small_cache):
+    env = make(small_cache, think=False, max_steps=5, validity="admissible")
+    env.reset(2)
+    obs, reward, done, info = env.step("<action>dance wildly</action>")
+    assert obs == "Nothing happens." and not info["action_valid"] and env.steps == 1
+    assert info["invalid_reason"] == "'dance wildly' is not one of the admissible actions"
+    obs, _, _, info = env.step(f"<action>{env.admissible_actions()[0]}</action>")
+    assert info["action_valid"]
+    with pytest.raises(ValueError, match="unknown validity rule"):
+        make(small_cache, validity="strict")

@@ -142,6 +142,13 @@ def test_scores_and_step_returns_put_the_penalty_on_the_invalid_step():
     assert returns == pytest.approx([9.025, 9.4, 10.0, -0.1, 0.0])  # γ-discounted, then −0.1 on the invalid step
 
 
+def test_validity_reaches_the_environments_that_have_admissible_actions():
+    for env, expected in [("alfworld", "admissible"), ("webshop", "admissible"), ("search", None)]:
+        kwargs = train.env_kwargs(train.resolve_defaults(train.parse_config(["--env", env, "--validity", "admissible"])))
+        assert kwargs.get("validity") == expected
+    assert train.env_kwargs(train.resolve_defaults(train.parse_config([])))["validity"] == "format"
+
+
 def test_config_help_lists_every_field():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
     for field in train.dataclasses.fields(train.Config):
@@ -154,7 +161,8 @@ def test_bad_values_are_rejected_with_a_clear_message():
                           (["--alfworld-task-types", "pick"], "--alfworld-task-types takes"),
                           (["--env", "search", "--alfworld-task-types", "pick_and_place"], "--alfworld-task-types takes"),
                           (["--eval-split", "test"], "--eval-split must be eval or train"),
-                          (["--penalty-scope", "episode"], "--penalty-scope must be step or trajectory")]:
+                          (["--penalty-scope", "episode"], "--penalty-scope must be step or trajectory"),
+                          (["--validity", "strict"], "--validity must be format or admissible")]:
         with pytest.raises(SystemExit, match=message):
             train.resolve_defaults(train.parse_config(argv))
 

@@ -96,16 +96,46 @@ def test_search_ranks_exact_title_first_and_unknown_words_give_nothing(env):
     assert "Total results: 0" in obs and info["admissible_actions"] == ["click[back to search]"]
 
 
-def test_click_not_on_page_is_invalid_and_page_unchanged(env):
+def test_click_not_on_page_is_a_valid_step_that_changes_nothing(env):
+    """Format-only validity (the authors' rule, the official text environment's behaviour): a
+    well-formed action the page cannot carry out is counted, leaves the page as it was, and is valid."""
     obs0, _ = env.reset(1)
     obs, reward, done, info = env.step(act("click[buy now]"))
     assert (obs, reward, done) == (obs0, 0.0, False)
-    assert not info["action_valid"] and "not clickable" in info["invalid_reason"] and env.steps == 1
+    assert info["action_valid"] and info["invalid_reason"] == "" and env.steps == 1
     results, _, _, _ = env.step(act("search[lip balm]"))
     for bad in ["search[shampoo]", "click[B0NOTTHERE]", "jump[3]", "click[buy now]"]:
         obs, _, _, info = env.step(act(bad))
+        assert obs == results and info["action_valid"] and info["action"] == bad
+    assert env.steps == 6 and env.history[-1][1] == "click[buy now]"
+
+
+def test_admissible_validity_makes_those_clicks_invalid():
+    strict = WebShopEnv(split="eval", validity="admissible")
+    obs0, _ = strict.reset(1)
+    obs, reward, done, info = strict.step(act("click[buy now]"))
+    assert (obs, reward, done) == (obs0, 0.0, False)
+    assert not info["action_valid"] and "not clickable" in info["invalid_reason"] and strict.steps == 1
+    results, _, _, _ = strict.step(act("search[lip balm]"))
+    for bad in ["search[shampoo]", "click[B0NOTTHERE]", "jump[3]", "click[buy now]"]:
+        obs, _, _, info = strict.step(act(bad))
         assert obs == results and not info["action_valid"] and info["invalid_reason"]
-    assert env.steps == 6
+    with pytest.raises(ValueError, match="unknown validity rule"):
+        WebShopEnv(split="eval", validity="page")
+
+
+def test_think_is_required_when_the_prompt_asks_for_it():
+    thinking = WebShopEnv(split="eval", think=True)
+    thinking.reset(0)
+    _, _, _, info = thinking.step("<action>search[lip balm]</action>")
+    assert not info["action_valid"] and "think" in info["invalid_reason"]
+    _, _, _, info = thinking.step("<think>the <action>search[lip balm]</action></think>")
+    assert not info["action_valid"] and "before </think>" in info["invalid_reason"]
+    _, _, _, info = thinking.step(act("search[lip balm]"))
+    assert info["action_valid"]
+    short = WebShopEnv(split="eval", think=False)
+    short.reset(0)
+    assert short.step("<action>search[lip balm]</action>")[3]["action_valid"]
 
 
 def test_item_page_options_subpages_and_buy(env):
@@ -280,6 +310,7 @@ def test_official_adapter_on_a_fake_text_env(monkeypatch):
                     "goal_options": ["cherry"], "price_upper": 20.0}
             self.server = types.SimpleNamespace(goals=[goal] * 600)
             self.instruction_text = "Instruction: i need a lip balm"
+            self.sent = []
 
         def reset(self, session):
             self.page = "search"
@@ -290,10 +321,14 @@ def test_official_adapter_on_a_fake_text_env(monkeypatch):
                     "clickables": [] if self.page == "search" else ["back to search", "Buy Now"]}
 
         def step(self, action):
+            self.sent.append(action)
             if action.startswith("search["):
                 self.page = "item"
                 return "Instruction: [SEP] i need a lip balm [SEP] Back to Search [SEP] Buy Now", 0.0, False, None
-            return "Thank you", 1.0, True, None
+            if action.lower() == "click[buy now]" and self.page == "item":
+                return "Thank you", 1.0, True, None
+            page = "Search" if self.page == "search" else "Back to Search [SEP] Buy Now"
+            return f"Instruction: [SEP] i need a lip balm [SEP] {page}", 0.0, False, None  # nothing happens
 
     fake = types.ModuleType("web_agent_site.envs")
     fake.WebAgentTextEnv = FakeTextEnv
@@ -303,8 +338,12 @@ def test_official_adapter_on_a_fake_text_env(monkeypatch):
     obs, info = env.reset(0)
     assert env.num_tasks() == 500 and obs == "Search" and env.task == "i need a lip balm"
     assert info["admissible_actions"] == ["search[<your query>]"] and "cherry" in info["privileged"]
-    obs, _, _, info = env.step(act("click[buy now]"))
-    assert not info["action_valid"]
+    obs, _, _, info = env.step(act("click[buy now]"))  # not on the search page: sent, nothing happens
+    assert info["action_valid"] and obs == "Search" and env.env.sent == ["click[buy now]"]
+    strict = OfficialWebShopEnv(split="eval", validity="admissible")
+    strict.reset(0)
+    _, _, _, info = strict.step(act("click[buy now]"))
+    assert not info["action_valid"] and strict.env.sent == []  # rejected before the official env
     obs, _, _, info = env.step(act("search[lip balm]"))
     assert obs == "Back to Search [SEP] Buy Now" and "click[buy now]" in info["admissible_actions"]
     obs, reward, done, info = env.step(act("click[buy now]"))
