@@ -455,18 +455,23 @@ def restrict_to_selected_steps(skills: Skills | None, selected: list[int]) -> Sk
 ROUTING_MODES = ("step_priority", "additive", "episode_only", "step_only")
 
 
-def route(step_index: int, skills: Skills | None, mode: str = "step_priority") -> tuple[str | None, str | None]:
-    """(episode skill to score this step with or None, step skill or None) (§5).
+def route(step_index: int, skills: Skills | None, mode: str = "step_priority", *,
+          use_episode: bool = True, use_step: bool = True) -> tuple[str | None, str | None]:
+    """(episode skill to score this step with or None, step skill or None) (docs/method.md §5).
 
     step_priority: the step skill when this step has a non-empty one, else the episode skill;
     additive: the episode skill always, the step skill where present; episode_only; step_only.
+    `use_episode` / `use_step` say whether that kind of skill has a teacher at all (the trainer
+    passes w_ep > 0 / w_step > 0, as the authors' `select_skill_teacher_sources`, arXiv
+    2606.26790): with the step kind off, step_priority falls back to the episode skill on a
+    critical step instead of routing it to a zero-weighted term.
     """
     if mode not in ROUTING_MODES:
         raise ValueError(f"unknown routing mode {mode!r}; choose from {ROUTING_MODES}")
     if skills is None:
         return None, None
-    step = (skills.step_skills.get(step_index) or "").strip() or None
-    episode = skills.episode_skill.strip() or None
+    step = (skills.step_skills.get(step_index) or "").strip() or None if use_step else None
+    episode = skills.episode_skill.strip() or None if use_episode else None
     if mode == "step_priority":
         return (None, step) if step else (episode, None)
     if mode == "additive":
@@ -494,26 +499,37 @@ def skill_block(title: str, note: str, skill: str) -> str:
 
 
 def inject_skills(prompt_text: str, episode_skill: str | None = None, step_skill: str | None = None) -> str:
-    """Insert the episode block after the task line and the step block before the 'Now it's your
-    turn' line (§6); a block whose anchor is missing is appended at the end of the prompt."""
+    """Insert the skill blocks into the user message (docs/method.md §6, arXiv 2606.26790).
+
+    The episode block goes right after the task line ("Your task is to:" / "Your question:"); the
+    step block right before the "Now it's your turn" line. As in the authors' code, an episode
+    block without a task line goes before the "Now it's your turn" line (ahead of the step block),
+    and a block whose anchors are all missing is appended at the end (episode block first).
+    """
     lines = prompt_text.splitlines(keepends=True)
     tail: list[str] = []
+
+    def turn_line() -> int | None:
+        return next((i for i, line in enumerate(lines) if line.lstrip().startswith(TURN_ANCHOR)), None)
+
+    if episode_skill:
+        block = skill_block(EPISODE_TITLE, EPISODE_NOTE, episode_skill)
+        at = next((i for i, line in enumerate(lines) if any(a in line for a in TASK_ANCHORS)), None)
+        if at is not None:
+            if not lines[at].endswith("\n"):
+                lines[at] += "\n"
+            lines.insert(at + 1, block)
+        elif turn_line() is not None:
+            lines.insert(turn_line(), block)
+        else:
+            tail.append(block)
     if step_skill:
         block = skill_block(STEP_TITLE, STEP_NOTE, step_skill)
-        at = next((i for i, line in enumerate(lines) if line.lstrip().startswith(TURN_ANCHOR)), None)
+        at = turn_line()
         if at is None:
             tail.append(block)
         else:
             lines.insert(at, block)
-    if episode_skill:
-        block = skill_block(EPISODE_TITLE, EPISODE_NOTE, episode_skill)
-        at = next((i for i, line in enumerate(lines) if any(a in line for a in TASK_ANCHORS)), None)
-        if at is None:
-            tail.insert(0, block)
-        else:
-            if not lines[at].endswith("\n"):
-                lines[at] += "\n"
-            lines.insert(at + 1, block)
     text = "".join(lines)
     if tail:
         text = (text if text.endswith("\n") or not text else text + "\n") + "\n" + "".join(tail)

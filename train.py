@@ -463,7 +463,9 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
             continue
         if cfg.algo not in ("opid", "skill_sd", "rlsd"):
             continue
-        ep_text, step_text = skills.route(s.step, skills_of.get(s.traj_uid), routing)
+        ep_text, step_text = skills.route(s.step, skills_of.get(s.traj_uid), routing,  # a zero weight: no teacher
+                                          use_episode=cfg.algo != "opid" or cfg.w_episode > 0,
+                                          use_step=cfg.algo != "opid" or cfg.w_step > 0)
         if step_text:
             step_ctx.append((i, None, step_text))
         if ep_text:

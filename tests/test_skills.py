@@ -88,6 +88,18 @@ def test_injection_missing_anchors_appends_at_end():
     assert out.rstrip().endswith("S") and out.index(S.STEP_TITLE) > out.index("<action> </action>")
 
 
+def test_injection_without_task_line_puts_the_episode_block_before_the_turn_line():
+    # the authors' placement: no task line -> before "Now it's your turn", ahead of the step block
+    prompt = "Intro.\nObservation: a table 1.\nNow it's your turn to act.\nUse <action> tags."
+    out = S.inject_skills(prompt, episode_skill="E", step_skill="S")
+    assert out.split("\n") == ["Intro.", "Observation: a table 1.",
+                               f"{S.EPISODE_TITLE}:", S.EPISODE_NOTE, "E", "",
+                               f"{S.STEP_TITLE}:", S.STEP_NOTE, "S", "",
+                               "Now it's your turn to act.", "Use <action> tags."]
+    only_episode = S.inject_skills(prompt, episode_skill="E")
+    assert only_episode.split("\n")[2:7] == [f"{S.EPISODE_TITLE}:", S.EPISODE_NOTE, "E", "", "Now it's your turn to act."]
+
+
 def test_injection_task_line_without_trailing_newline():
     out = S.inject_skills("intro\nYour task is to: do it", episode_skill="E")
     assert out.split("\n")[:5] == ["intro", "Your task is to: do it", f"{S.EPISODE_TITLE}:", S.EPISODE_NOTE, "E"]
@@ -113,6 +125,19 @@ def test_route_truth_table(mode, step, expected):
 @pytest.mark.parametrize("mode", S.ROUTING_MODES)
 def test_route_without_skills(mode):
     assert S.route(0, None, mode) == (None, None)
+
+
+@pytest.mark.parametrize("mode,step,use_episode,use_step,expected", [
+    # w_step = 0: a critical step falls back to the episode skill instead of a zero-weighted term
+    ("step_priority", 2, True, False, ("EP", None)), ("step_priority", 0, True, False, ("EP", None)),
+    # w_ep = 0: steps without a step skill get no teacher
+    ("step_priority", 2, False, True, (None, "ST")), ("step_priority", 0, False, True, (None, None)),
+    ("additive", 2, True, False, ("EP", None)), ("additive", 2, False, True, (None, "ST")),
+    ("episode_only", 2, False, True, (None, None)), ("step_only", 2, True, False, (None, None)),
+    ("step_priority", 2, False, False, (None, None)),
+])
+def test_route_with_a_skill_kind_switched_off(mode, step, use_episode, use_step, expected):
+    assert S.route(step, ROUTE_SKILLS, mode, use_episode=use_episode, use_step=use_step) == expected
 
 
 def test_route_default_and_unknown_mode():
