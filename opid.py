@@ -69,10 +69,14 @@ def step_returns(rewards: list[float], step_valid: list[bool], gamma: float, inv
 # ---------------------------------------------------------------------------------------------
 
 
-def _group_normalise(values: torch.Tensor, group_ids: torch.Tensor, mode: str, eps: float) -> torch.Tensor:
-    """Subtract the group mean (and divide by the unbiased group std) per sample.
+def _group_normalise(values: torch.Tensor, group_ids: torch.Tensor, mode: str, eps: float,
+                     lone_sample_mean: str) -> torch.Tensor:
+    """Subtract the group mean (and divide by the unbiased group std, torch.std's default) per sample.
 
-    A group of one, or a group whose values are all equal (σ = 0), gets 0 — never NaN.
+    A group whose values are all equal (σ = 0) gets 0 — never NaN. A group of one sample is
+    normalised with μ = 0, σ = 1 when `lone_sample_mean` is "zero" (the authors' episode
+    advantage: A = S/(1 + ε), or S with mean_norm) and with μ = its own value (A = 0) when it is
+    "own" (the authors' GiGPO step groups).
     """
     if mode not in ("mean_std_norm", "mean_norm"):
         raise ValueError(f"unknown advantage mode {mode!r}: use 'mean_std_norm' or 'mean_norm'")
@@ -81,7 +85,9 @@ def _group_normalise(values: torch.Tensor, group_ids: torch.Tensor, mode: str, e
     for g in torch.unique(group_ids):
         members = group_ids == g
         group = values[members]
-        if group.numel() < 2:
+        if group.numel() == 1:
+            if lone_sample_mean == "zero":
+                out[members] = group / (1.0 + eps) if mode == "mean_std_norm" else group
             continue
         centred = group - group.mean()
         std = group.std(unbiased=True)  # the anchor code's torch.std
@@ -93,13 +99,14 @@ def _group_normalise(values: torch.Tensor, group_ids: torch.Tensor, mode: str, e
 
 def outcome_advantage(scores: torch.Tensor, group_ids: torch.Tensor, mode: str = "mean_std_norm",
                       eps: float = 1e-6) -> torch.Tensor:
-    """§3: A_ep(i) = (S_τ − μ_g)/(σ_g + ε) ("mean_std_norm") or S_τ − μ_g ("mean_norm").
+    """docs/method.md §3: A_ep(i) = (S_i − μ_g)/(σ_g + ε) ("mean_std_norm") or S_i − μ_g ("mean_norm").
 
-    scores [S]: the trajectory score S_τ of each step-sample's trajectory (repeated per step, so
-    μ_g, σ_g are taken over all step-samples of group g — the "cross-step" convention).
-    group_ids [S]: the task-group id (uid) of each sample. Returns [S].
+    scores [S]: the score S_i of each step-sample (opid.step_scores), so μ_g, σ_g are taken over
+    all step-samples of group g — the "cross-step" convention; σ is the unbiased std, ε = 1e-6.
+    A group of one sample is normalised with μ = 0, σ = 1, as in the authors' code (arXiv
+    2606.26790): A = S/(1 + ε) or S. group_ids [S]: the task-group id (uid). Returns [S].
     """
-    return _group_normalise(scores, group_ids, mode, eps)
+    return _group_normalise(scores, group_ids, mode, eps, lone_sample_mean="zero")
 
 
 def gigpo_step_advantage(step_returns: torch.Tensor, group_ids: torch.Tensor, anchor_ids: torch.Tensor,
@@ -111,7 +118,7 @@ def gigpo_step_advantage(step_returns: torch.Tensor, group_ids: torch.Tensor, an
     """
     key = torch.stack([group_ids.to(torch.long), anchor_ids.to(torch.long)], dim=1)
     _, state_ids = torch.unique(key, dim=0, return_inverse=True)
-    return _group_normalise(step_returns, state_ids, mode, eps)
+    return _group_normalise(step_returns, state_ids, mode, eps, lone_sample_mean="own")  # a lone state: 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,17 +127,21 @@ def gigpo_step_advantage(step_returns: torch.Tensor, group_ids: torch.Tensor, an
 
 
 def skill_delta(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
-                normalize: bool = False, clip: float | None = None) -> torch.Tensor:
-    """§7: Δ(i, ℓ) = log π_old(y_ℓ | ĥ_i, y_<ℓ) − log π_old(y_ℓ | h_i, y_<ℓ), no gradient.
+                normalize: bool = False, clip: float | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """docs/method.md §7: Δ(i, ℓ) = log π_old(y_ℓ | ĥ_i, y_<ℓ) − log π_old(y_ℓ | h_i, y_<ℓ), no gradient.
 
-    teacher_logprobs, old_logprobs, mask: [S, L]. Optional (off by default, as in the code):
-    `normalize` standardises Δ over the masked tokens of the batch, `clip` clamps it to ±clip.
-    Padding positions are 0.
+    teacher_logprobs, old_logprobs, mask: [S, L]; `mask` marks the response tokens of the samples
+    routed to ONE skill kind (the trainer calls this once per kind). Optional (off by default, as
+    in the paper's runs), as in the authors' code (arXiv 2606.26790): `normalize` centres Δ over
+    the masked tokens and divides by their population std only when that std > ε; `clip` then
+    clamps it to ±clip. Positions outside `mask` are 0.
     """
     delta = (teacher_logprobs - old_logprobs).detach() * mask
-    if normalize and mask.sum() > 1:
+    if normalize and mask.sum() > 0:
         real = delta[mask.bool()]
-        delta = (delta - real.mean()) / (real.std() + 1e-6) * mask
+        std = real.std(unbiased=False)
+        centred = delta - real.mean()
+        delta = (centred / (std + eps) if std > eps else centred) * mask
     if clip is not None:
         delta = delta.clamp(-clip, clip)
     return delta

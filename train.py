@@ -93,7 +93,7 @@ class Config:
     analyzer_url: str = arg("", "OpenAI-compatible base URL (default $OPID_ANALYZER_URL), e.g. http://localhost:8000/v1")
     analyzer_model: str = arg("", "analyzer model name at that endpoint (default $OPID_ANALYZER_MODEL)")
     analyzer_workers: int = arg(8, "parallel analyzer calls")
-    delta_normalize: bool = arg(False, "standardise Δ over the batch's tokens (off in the paper's runs)")
+    delta_normalize: bool = arg(False, "standardise Δ per skill kind over its routed tokens (population std, only when > 1e-6; off in the paper's runs)")
     delta_clip: float = arg(0.0, "clamp Δ to ±delta_clip (0: no clipping)")
     gigpo_omega: float = arg(1.0, "GiGPO: weight ω of the step-level advantage")
     distill_coef: float = arg(0.001, "Skill-SD / OPSD: λ of the sampled-token reverse-KL term")

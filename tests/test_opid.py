@@ -73,14 +73,18 @@ def test_outcome_advantage_cross_step_weighting():
     close(opid.outcome_advantage(scores, groups, "mean_std_norm"), [0.5, 0.5, 0.5, -1.5])
 
 
-def test_outcome_advantage_degenerate_groups_are_zero_not_nan():
+def test_outcome_advantage_degenerate_groups_are_finite():
     scores = torch.tensor([5.0, 0.0, 0.0, 0.0, 3.0, 1.0])
     groups = torch.tensor([7, 8, 8, 8, 9, 9])  # group of one; all-equal group; a normal pair
     adv = opid.outcome_advantage(scores, groups, "mean_std_norm")
     assert not torch.isnan(adv).any()
-    close(adv[:4], [0.0, 0.0, 0.0, 0.0])
+    # a group of one is normalised with μ = 0, σ = 1 (the authors' code): 5/(1 + 1e-6); σ = 0: 0
+    assert adv[0].item() == pytest.approx(5.0 / (1.0 + 1e-6), abs=1e-6)
+    close(adv[1:4], [0.0, 0.0, 0.0])
     close(adv[4:], [0.70711, -0.70711])  # mean 2, σ = sqrt(2)
-    close(opid.outcome_advantage(scores, groups, "mean_norm"), [0, 0, 0, 0, 1.0, -1.0])
+    close(opid.outcome_advantage(scores, groups, "mean_norm"), [5.0, 0, 0, 0, 1.0, -1.0])
+    # a lone failed invalid step keeps its negative score
+    close(opid.outcome_advantage(torch.tensor([-0.1]), torch.tensor([3]), "mean_std_norm"), [-0.1])
     with pytest.raises(ValueError, match="unknown advantage mode"):
         opid.outcome_advantage(scores, groups, "per_token")
 
@@ -90,6 +94,7 @@ def test_gigpo_step_advantage_groups_identical_states_within_task_group():
     groups = torch.tensor([0, 0, 0, 0, 1])
     anchors = torch.tensor([0, 0, 1, 2, 0])  # anchor 0 in group 1 is a different state group
     close(opid.gigpo_step_advantage(returns, groups, anchors), [-0.70711, 0.70711, 0.0, 0.0, 0.0])
+    # states seen once (samples 2, 3, 4) are their own mean (the authors' step_norm_reward): 0
     close(opid.gigpo_step_advantage(returns, groups, anchors, "mean_norm"), [-1.0, 1.0, 0.0, 0.0, 0.0])
 
 
@@ -99,11 +104,31 @@ def test_skill_delta_is_teacher_minus_old_and_masked():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     close(opid.skill_delta(teacher, old, mask), [[1.0, 0.0, 0.0], [-2.0, 1.0, -8.0]])
     close(opid.skill_delta(teacher, old, mask, clip=1.5), [[1.0, 0.0, 0.0], [-1.5, 1.0, -1.5]])
-    # normalised over the 5 real tokens [1, 0, -2, 1, -8]: mean -1.6, std 3.7815
+    # normalised over the 5 real tokens [1, 0, -2, 1, -8]: mean -1.6, population std
+    # sqrt((2.6² + 1.6² + 0.4² + 2.6² + 6.4²)/5) = sqrt(11.44) = 3.38231 (the sample std would be 3.78153)
     normalised = opid.skill_delta(teacher, old, mask, normalize=True)
-    close(normalised[0], [(1 + 1.6) / 3.78153, (0 + 1.6) / 3.78153, 0.0])
+    close(normalised, [[2.6 / 3.38231, 1.6 / 3.38231, 0.0], [-0.4 / 3.38231, 2.6 / 3.38231, -6.4 / 3.38231]])
+    # std ≤ ε: centred only (the authors divide only when std > ε); a single token centres to 0
+    flat = opid.skill_delta(torch.tensor([[0.5, 0.5]]), torch.zeros(1, 2), torch.ones(1, 2), normalize=True)
+    close(flat, [[0.0, 0.0]])
+    close(opid.skill_delta(torch.tensor([[3.0, 9.0]]), torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), normalize=True),
+          [[0.0, 0.0]])
     teacher_with_grad = teacher.clone().requires_grad_(True)
     assert not opid.skill_delta(teacher_with_grad, old, mask).requires_grad  # stop-gradient
+
+
+def test_delta_normalisation_is_per_skill_kind():
+    # the trainer calls skill_delta once per kind with that kind's routed rows: each kind is
+    # standardised over its own tokens, so a kind with large Δs does not shrink the other's
+    teacher = torch.tensor([[2.0, 0.0], [10.0, -10.0]])
+    old = torch.zeros(2, 2)
+    mask = torch.ones(2, 2)
+    routed_episode, routed_step = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    episode = opid.skill_delta(teacher, old, mask * routed_episode[:, None], normalize=True)
+    step = opid.skill_delta(teacher, old, mask * routed_step[:, None], normalize=True)
+    # episode tokens [2, 0]: mean 1, population std 1 -> [1, -1]; step tokens [10, -10]: std 10 -> [1, -1]
+    close(episode, [[1.0, -1.0], [0.0, 0.0]], atol=1e-5)
+    close(step, [[0.0, 0.0], [1.0, -1.0]], atol=1e-5)
 
 
 def test_combined_advantage_by_hand():
