@@ -101,6 +101,8 @@ class Config:
     rlsd_decay_iters: int = arg(100, "RLSD: iterations over which λ decays to 0")
     # --- PPO update ---
     lr: float | None = arg(None, "learning rate (tiny 1e-4; LoRA 1e-5; full fine-tuning 1e-6)")
+    lr_warmup_ratio: float | None = arg(None, "linear lr warm-up over this share of --iters (0 / 0 / 0.1: the search recipe's 10%)")
+    lr_warmup_iters: int = arg(-1, "linear lr warm-up over this many iterations (-1: use --lr-warmup-ratio)")
     clip_eps: float = arg(0.2, "PPO clip range ε")
     dual_clip: float = arg(0.0, "dual-clip constant c for negative advantages (0: off; 3 in verl)")
     kl_coef: float | None = arg(None, "β of the k3 KL to the reference policy (0.01 / 0.01 / 0.001; 0 skips the pass)")
@@ -113,11 +115,11 @@ class Config:
 
 ENV_DEFAULTS = {  # OPID_SPEC §9 (released scripts)
     "alfworld": dict(max_steps=30, history_length=5, invalid_penalty=0.1, max_step_skills=5, kl_coef=0.01,
-                     entropy_coef=0.001, adv_mode="mean_std_norm"),
+                     entropy_coef=0.001, adv_mode="mean_std_norm", lr_warmup_ratio=0.0),
     "webshop": dict(max_steps=15, history_length=2, invalid_penalty=0.1, max_step_skills=5, kl_coef=0.01,
-                    entropy_coef=0.001, adv_mode="mean_norm"),
+                    entropy_coef=0.001, adv_mode="mean_norm", lr_warmup_ratio=0.0),
     "search": dict(max_steps=4, history_length=4, invalid_penalty=0.01, max_step_skills=2, kl_coef=0.001,
-                   entropy_coef=0.0, adv_mode="mean_std_norm"),
+                   entropy_coef=0.0, adv_mode="mean_std_norm", lr_warmup_ratio=0.1),
 }
 ALGOS = ("opid", "grpo", "gigpo", "skill_sd", "rlsd", "opsd", "skill_grpo")
 ROUTINGS = ("step_priority", "additive", "episode_only", "step_only")
@@ -137,6 +139,8 @@ def resolve_defaults(cfg: Config) -> Config:
         raise SystemExit(f"--penalty-scope must be step or trajectory, got {cfg.penalty_scope!r}")
     if cfg.validity not in ("format", "admissible"):
         raise SystemExit(f"--validity must be format or admissible, got {cfg.validity!r}")
+    if not 0.0 <= (cfg.lr_warmup_ratio or 0.0) <= 1.0:
+        raise SystemExit(f"--lr-warmup-ratio must be in [0, 1], got {cfg.lr_warmup_ratio}")
     if cfg.eval_split not in ("eval", "train"):
         raise SystemExit(f"--eval-split must be eval or train, got {cfg.eval_split!r}")
     if cfg.tasks_per_batch < 1 or cfg.group_size < 1 or cfg.iters < 0:
@@ -315,6 +319,33 @@ def format_token_mask(tokenizer, response_ids: list[int], length: int) -> torch.
     return mask
 
 
+def warmup_lr(base_lr: float, iteration: int, warmup_iters: int) -> float:
+    """Learning rate of update `iteration` (0-based) under a linear warm-up, then constant.
+
+    verl's constant-with-warm-up schedule, stepped once per iteration as in the authors' runs
+    (docs/method.md §9, arXiv 2606.26790): base·iteration/warmup_iters while iteration <
+    warmup_iters — so the first update has lr 0 — and base after. warmup_iters ≤ 0: no warm-up.
+    """
+    if iteration < warmup_iters:
+        return base_lr * iteration / warmup_iters
+    return base_lr
+
+
+def warmup_iterations(cfg: Config) -> int:
+    """--lr-warmup-iters, or int(--lr-warmup-ratio · --iters) when it is negative (verl's rule)."""
+    return cfg.lr_warmup_iters if cfg.lr_warmup_iters >= 0 else int((cfg.lr_warmup_ratio or 0.0) * cfg.iters)
+
+
+def step_if_finite(optimizer, grad_norm) -> bool:
+    """Apply the optimizer step only when the clipped gradient's norm is finite; otherwise drop the
+    gradient (as verl's actor does: one NaN/inf would poison Adam's moments). Returns whether it stepped."""
+    if not torch.isfinite(torch.as_tensor(grad_norm)).item():
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
 def ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, distill_teacher, distill_rows,
                mask, cfg: Config, rng: random.Random) -> dict:
     """§8: clipped PPO on token-level advantages, + β·k3 KL − c_ent·H (+ λ·Skill-SD/OPSD term).
@@ -326,7 +357,7 @@ def ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, dis
     model.train()
     totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipfrac": 0.0, "grad_norm": 0.0}
     order = list(range(len(samples)))
-    num_minibatches = 0
+    num_minibatches, skipped = 0, 0
     for _ in range(cfg.ppo_epochs):
         rng.shuffle(order)
         for mb_start in range(0, len(order), cfg.mini_batch_size):
@@ -360,11 +391,14 @@ def ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, dis
                 totals["pg_loss"] += pg_loss.item()
                 totals["clipfrac"] += stats["clipfrac"] * float(m.sum()) / max(num_tokens, 1.0)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            totals["grad_norm"] += float(grad_norm)
+            stepped = step_if_finite(optimizer, grad_norm)
+            totals["grad_norm"] += float(grad_norm) if stepped else 0.0
+            skipped += not stepped
             num_minibatches += 1
     model.eval()
-    return {k: v / max(num_minibatches, 1) for k, v in totals.items()}
+    means = {k: v / max(num_minibatches, 1) for k, v in totals.items()}
+    means["grad_norm"] = totals["grad_norm"] / max(num_minibatches - skipped, 1)  # over the steps taken
+    return {**means, "update/skipped_nonfinite": skipped}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,13 +535,16 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
             distill_teacher = torch.where(routed_st[:, None], teacher_st, teacher_ep)
             distill_rows = routed_st | routed_ep
 
-    # 7. PPO update.
+    # 7. PPO update (at this iteration's warm-up learning rate).
     t_update = time.perf_counter()
+    lr = warmup_lr(cfg.lr, iteration, warmup_iterations(cfg))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     update_stats = ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, distill_teacher,
                               distill_rows, mask, cfg, random.Random(cfg.seed + iteration))
     update_s = time.perf_counter() - t_update
 
-    record = {"samples": len(samples), **update_stats, "time/analysis_s": analysis_s,
+    record = {"samples": len(samples), **update_stats, "update/lr": lr, "time/analysis_s": analysis_s,
               "time/teacher_s": teacher_s, "time/update_s": update_s}
     record.update(skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, routed_ep, routed_st,
                                 delta_ep, delta_st, mask, length))

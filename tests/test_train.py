@@ -162,7 +162,8 @@ def test_bad_values_are_rejected_with_a_clear_message():
                           (["--env", "search", "--alfworld-task-types", "pick_and_place"], "--alfworld-task-types takes"),
                           (["--eval-split", "test"], "--eval-split must be eval or train"),
                           (["--penalty-scope", "episode"], "--penalty-scope must be step or trajectory"),
-                          (["--validity", "strict"], "--validity must be format or admissible")]:
+                          (["--validity", "strict"], "--validity must be format or admissible"),
+                          (["--lr-warmup-ratio", "1.5"], "--lr-warmup-ratio must be in")]:
         with pytest.raises(SystemExit, match=message):
             train.resolve_defaults(train.parse_config(argv))
 
@@ -320,3 +321,51 @@ def test_first_ppo_ratio_is_one_at_the_rollout_temperature(tiny, temperature):
     assert stats["clipfrac"] == 0
     assert stats["pg_loss"] == pytest.approx(-(advantages.sum() / mask.sum()).item(), abs=1e-5)
     assert stats["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_warmup_schedule_by_hand():
+    # the search recipe: 150 updates, 10 % warm-up -> 15 warm-up iterations, lr 1e-6
+    cfg = train.resolve_defaults(train.Config(env="search", model="Qwen/Qwen2.5-3B-Instruct", iters=150))
+    assert cfg.lr_warmup_ratio == 0.1 and train.warmup_iterations(cfg) == 15 and cfg.lr == 1e-6
+    lrs = [train.warmup_lr(1e-6, it, 15) for it in (0, 1, 7, 14, 15, 149)]
+    assert lrs == pytest.approx([0.0, 1e-6 / 15, 7e-6 / 15, 14e-6 / 15, 1e-6, 1e-6], rel=1e-12, abs=0)
+    assert train.warmup_iterations(train.resolve_defaults(train.Config(env="alfworld", iters=150))) == 0
+    assert train.warmup_iterations(train.Config(iters=5, lr_warmup_ratio=0.1)) == 0   # int(0.5)
+    assert train.warmup_iterations(train.Config(iters=5, lr_warmup_iters=3, lr_warmup_ratio=0.1)) == 3
+    assert [train.warmup_lr(2.0, it, 0) for it in range(3)] == [2.0, 2.0, 2.0]
+
+
+def test_non_finite_gradient_skips_the_step_and_is_counted(tiny):
+    import copy
+    import random
+    from accelerate import Accelerator
+
+    base, tokenizer = tiny
+    model = copy.deepcopy(base)
+    samples = [make_sample(tokenizer, model, PROMPT, seed=s) for s in range(4)]
+    length, mask, old = response_tensors(samples)
+    advantages = torch.ones(4, length) * mask
+    cfg = train.Config(mini_batch_size=2, micro_batch_size=2, kl_coef=0.0, entropy_coef=0.0)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    poisoned = next(p for p in model.parameters() if p.requires_grad)
+    handle = poisoned.register_hook(lambda grad: grad * float("nan"))  # every backward yields a NaN gradient
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    stats = train.ppo_update(model, optimizer, Accelerator(cpu=True), samples, advantages, old, None, None, None,
+                             mask, cfg, random.Random(0))
+    handle.remove()
+    assert stats["update/skipped_nonfinite"] == 2 and stats["grad_norm"] == 0.0  # both mini-batches skipped
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())  # no step taken
+    assert not optimizer.state  # Adam's moments were never touched
+    # the same update without the poison moves the weights and counts nothing
+    stats = train.ppo_update(model, optimizer, Accelerator(cpu=True), samples, advantages, old, None, None, None,
+                             mask, cfg, random.Random(0))
+    assert stats["update/skipped_nonfinite"] == 0 and stats["grad_norm"] > 0
+    assert any(not torch.equal(p, weights[name]) for name, p in model.named_parameters())
+
+
+def test_warmup_learning_rate_reaches_the_update(model_dir, tmp_path):
+    run_train(model_dir, tmp_path, "--env", "search", "--algo", "grpo", "--iters", "2", "--max-steps", "2",
+              "--lr-warmup-iters", "2", "--lr", "1e-3", "--eval-episodes", "0", "--name", "w")
+    train_recs = [r for r in records(tmp_path / "w") if r["kind"] == "train"]
+    assert [r["update/lr"] for r in train_recs] == pytest.approx([0.0, 5e-4])
+    assert [r["update/skipped_nonfinite"] for r in train_recs] == [0, 0]
