@@ -104,7 +104,7 @@ class Config:
     lr_warmup_ratio: float | None = arg(None, "linear lr warm-up over this share of --iters (0 / 0 / 0.1: the search recipe's 10%)")
     lr_warmup_iters: int = arg(-1, "linear lr warm-up over this many iterations (-1: use --lr-warmup-ratio)")
     clip_eps: float = arg(0.2, "PPO clip range ε")
-    dual_clip: float = arg(0.0, "dual-clip constant c for negative advantages (0: off; 3 in verl)")
+    dual_clip: float = arg(3.0, "dual-clip constant c > 1 for negative advantages (3: verl's default, on in the authors' runs; 0: off)")
     kl_coef: float | None = arg(None, "β of the k3 KL to the reference policy (0.01 / 0.01 / 0.001; 0 skips the pass)")
     entropy_coef: float | None = arg(None, "entropy bonus c_ent (0.001 / 0.001 / 0)")
     ppo_epochs: int = arg(1, "passes over the batch per iteration")
@@ -139,6 +139,8 @@ def resolve_defaults(cfg: Config) -> Config:
         raise SystemExit(f"--penalty-scope must be step or trajectory, got {cfg.penalty_scope!r}")
     if cfg.validity not in ("format", "admissible"):
         raise SystemExit(f"--validity must be format or admissible, got {cfg.validity!r}")
+    if cfg.dual_clip and cfg.dual_clip <= 1.0:
+        raise SystemExit(f"--dual-clip must be > 1 (or 0: off), got {cfg.dual_clip}")
     if not 0.0 <= (cfg.lr_warmup_ratio or 0.0) <= 1.0:
         raise SystemExit(f"--lr-warmup-ratio must be in [0, 1], got {cfg.lr_warmup_ratio}")
     if cfg.eval_split not in ("eval", "train"):

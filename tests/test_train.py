@@ -163,7 +163,8 @@ def test_bad_values_are_rejected_with_a_clear_message():
                           (["--eval-split", "test"], "--eval-split must be eval or train"),
                           (["--penalty-scope", "episode"], "--penalty-scope must be step or trajectory"),
                           (["--validity", "strict"], "--validity must be format or admissible"),
-                          (["--lr-warmup-ratio", "1.5"], "--lr-warmup-ratio must be in")]:
+                          (["--lr-warmup-ratio", "1.5"], "--lr-warmup-ratio must be in"),
+                          (["--dual-clip", "0.5"], "--dual-clip must be > 1")]:
         with pytest.raises(SystemExit, match=message):
             train.resolve_defaults(train.parse_config(argv))
 
