@@ -101,7 +101,7 @@ class Config:
     rlsd_decay_iters: int = arg(100, "RLSD: iterations over which λ decays to 0")
     # --- PPO update ---
     lr: float | None = arg(None, "learning rate (tiny 1e-4; LoRA 1e-5; full fine-tuning 1e-6)")
-    lr_warmup_ratio: float | None = arg(None, "linear lr warm-up over this share of --iters (0 / 0 / 0.1: the search recipe's 10%)")
+    lr_warmup_ratio: float | None = arg(None, "linear lr warm-up over this share of --iters (0 / 0 / 0.1, the search recipe's tenth)")
     lr_warmup_iters: int = arg(-1, "linear lr warm-up over this many iterations (-1: use --lr-warmup-ratio)")
     clip_eps: float = arg(0.2, "PPO clip range ε")
     dual_clip: float = arg(3.0, "dual-clip constant c > 1 for negative advantages (3: verl's default, on in the authors' runs; 0: off)")
