@@ -133,7 +133,7 @@ def test_bad_values_are_rejected_with_a_clear_message():
                           (["--routing", "random"], "--routing must be one of"),
                           (["--alfworld-task-types", "pick"], "--alfworld-task-types takes"),
                           (["--env", "search", "--alfworld-task-types", "pick_and_place"], "--alfworld-task-types takes"),
-                          (["--eval-split", "test"], "--eval-split must be eval or train")]:
+                          (["--eval-split", "test"], "--eval-split must be one of eval, train")]:
         with pytest.raises(SystemExit, match=message):
             train.resolve_defaults(train.parse_config(argv))
 
@@ -219,7 +219,7 @@ def test_every_baseline_runs_an_iteration(model_dir, tmp_path, algo):
 def test_kill_mid_run_and_resume_continues_without_corrupting_metrics(model_dir, tmp_path):
     argv = [sys.executable, "train.py", "--model", str(model_dir), "--out-dir", str(tmp_path), "--env", "search",
             "--tasks-per-batch", "2", "--group-size", "2", "--max-new-tokens", "8", "--eval-episodes", "0",
-            "--iters", "6", "--save-every", "1", "--name", "r"]
+            "--iters", "6", "--save-every", "1", "--name", "r", "--alfworld-games", "6"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "r" / "checkpoint" / "state.json"
     deadline = time.time() + 300
