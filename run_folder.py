@@ -234,13 +234,20 @@ def find_checkpoint(run_dir: Path) -> tuple[str, dict, list[str]]:
 
 
 def finish_rotation(run_dir: Path, best: str) -> Path:
-    """Move the chosen checkpoint folder to checkpoint/ (a damaged one there goes to checkpoint.damaged/)."""
+    """Move the chosen checkpoint folder to checkpoint/. What was there goes to checkpoint.old/ when
+    it is complete (the next save removes it), to checkpoint.damaged/ (kept for a look) when not."""
     run_dir = Path(run_dir)
     final = run_dir / CHECKPOINT
     if best != CHECKPOINT:
         if final.exists():
-            _remove_tree(run_dir / "checkpoint.damaged")
-            _rename(final, run_dir / "checkpoint.damaged")
+            try:
+                check_checkpoint(final)
+                aside = run_dir / CHECKPOINT_OLD
+            except DamagedFile:
+                aside = run_dir / "checkpoint.damaged"
+            if aside.name != best:
+                _remove_tree(aside)
+            _rename(final, aside)
         _rename(run_dir / best, final)
         _fsync_dir(run_dir)
     return final

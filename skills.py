@@ -180,8 +180,8 @@ MAX_SKILL_TOKENS = 256          # per skill, where a tokenizer is at hand (teach
 EXPECTED_KEYS = ("episode_skill", "step_skills")
 
 
-_STRUCTURE = re.compile(r'["{}\[\]]')  # the characters that matter outside a JSON string
-_STRING_END = re.compile(r'["\\]')      # inside a string: a quote or a backslash
+_STRUCTURE = re.compile(r'["{}\[\]]')                # the characters that matter outside a JSON string
+_STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # rest of a string after its opening quote
 
 
 def _balanced_spans(text: str):
@@ -206,16 +206,10 @@ def _balanced_spans(text: str):
                 break
             ch, j = match.group(), match.end()
             if ch == '"':
-                while True:  # skip the string, honouring backslash escapes
-                    end = _STRING_END.search(text, j)
-                    if end is None:
-                        j = len(text)
-                        break
-                    j = end.end() + (end.group() == "\\")
-                    if end.group() == '"':
-                        break
-                if j >= len(text):
-                    break
+                rest = _STRING_REST.match(text, j)  # one C-level match per string, escapes included
+                if rest is None:
+                    break  # the string never ends: neither does the span
+                j = rest.end()
             elif ch in "{[":
                 stack.append("}" if ch == "{" else "]")
                 if len(stack) > MAX_JSON_DEPTH:
@@ -332,7 +326,7 @@ def parse_skills_json(text: str, k: int, num_steps: int) -> Skills | None:
 
 
 def fit_to_tokenizer(skills: Skills, tokenizer, max_tokens: int = MAX_SKILL_TOKENS) -> Skills:
-    """Cut each skill to `max_tokens` tokens and remove the tokenizer's special-token strings
+    """Cut each skill to at most `max_tokens` tokens and remove the tokenizer's special-token strings
     (a skill must not open or close a chat turn inside the teacher prompt). Raises if the
     tokenizer cannot encode the text; the caller counts that as an invalid reply."""
     specials = sorted((t for t in getattr(tokenizer, "all_special_tokens", []) if t), key=len, reverse=True)
@@ -342,9 +336,14 @@ def fit_to_tokenizer(skills: Skills, tokenizer, max_tokens: int = MAX_SKILL_TOKE
             text = text.replace(token, " ")
         text = " ".join(text.split())
         ids = tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) > max_tokens:
-            text = tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).strip() + " ..."
-        return text
+        keep = max_tokens
+        for _ in range(8):  # a cut can split a character, and re-encoding may then take more tokens
+            if len(ids) <= max_tokens:
+                return text
+            text = tokenizer.decode(ids[:keep], skip_special_tokens=True).replace("\ufffd", "").strip() + " ..."
+            keep -= len(tokenizer.encode(text, add_special_tokens=False)) - max_tokens + 1
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        return ""  # could not be fitted: no skill rather than an over-long one
 
     step_skills = {i: fitted for i, s in skills.step_skills.items() if (fitted := fit(s))}
     return Skills(fit(skills.episode_skill), step_skills, skills.episode_summary)
