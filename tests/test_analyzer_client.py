@@ -174,3 +174,23 @@ def test_post_json_raises_only_transport_errors():
             b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n{}")) as server:
         with pytest.raises(json_http.TransportError, match="over the"):
             json_http.post_json(server.url, {}, timeout=1, max_bytes=1000)
+
+
+def test_chunked_replies_whole_and_cut():
+    content = json.dumps({"choices": [{"message": {"content": json.dumps(GOOD)}}]}).encode()
+
+    def chunked(cut: bool):
+        def reply(conn, head, body):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            half = len(content) // 2
+            conn.sendall(b"%x\r\n%s\r\n" % (half, content[:half]))
+            if not cut:
+                conn.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(content) - half, content[half:]))
+        return reply
+
+    with FakeServer(chunked(cut=False)) as server:
+        assert json.loads(client(server).complete(MESSAGES)) == GOOD
+    with FakeServer(chunked(cut=True)) as server:
+        with pytest.raises(S.AnalyzerTransportError):
+            client(server).complete(MESSAGES)
+        assert len(server.requests) == 3  # a cut chunked body is retried like any cut reply
