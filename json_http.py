@@ -117,6 +117,9 @@ def _post_once(url: str, data: bytes, headers: dict, deadline: float, max_bytes:
     timer.daemon = True
     timer.start()
     try:
+        conn.connect()
+        if fired.is_set():  # the deadline passed while connecting, before there was a socket to shut
+            raise DeadlineExceeded("no connection within the deadline")
         conn.request("POST", path, body=data, headers=headers)
         response = conn.getresponse()
         body = _read_body(response, max_bytes)
