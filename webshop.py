@@ -535,10 +535,9 @@ class WebShopEnv:
         return info
 
     def step(self, response_text: str) -> tuple[str, float, bool, dict]:
-        anchor = self.observation
         if self.goal is None:
-            return "", 0.0, True, _blank_info("", "", "") | {"action_valid": False,
-                                                            "invalid_reason": "reset() was never called"}
+            raise RuntimeError(f"{type(self).__name__}.step() called before reset(task_index)")
+        anchor = self.observation
         if self.done:
             return self.observation, 0.0, True, self._info(False, "the episode is over", "", anchor)
         parsed = parse_response(response_text, self.answer_tags, require_think=self.think)

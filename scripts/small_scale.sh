@@ -50,7 +50,8 @@ run_one() {
   if [ -f "runs/$name/checkpoint/state.json" ] && grep -q "\"updates\": $ITERS" "runs/$name/checkpoint/state.json"; then
     echo "skip $name (done)"; return
   fi
-  OMP_NUM_THREADS=1 python train.py --env "$ENV" ${FLAGS[$method]} --seed "$seed" --iters "$ITERS" $BATCH \
+  # a run cut short is redone from scratch (--overwrite); train.py refuses an existing run folder otherwise
+  OMP_NUM_THREADS=1 python train.py --env "$ENV" ${FLAGS[$method]} --seed "$seed" --iters "$ITERS" $BATCH --overwrite \
     --eval-every "$EVAL_EVERY" --eval-episodes "$EVAL_EPISODES" --save-every "$ITERS" --name "$name" $EXTRA \
     > "$OUT/$name.log" 2>&1
   echo "finished $name"

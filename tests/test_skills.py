@@ -319,11 +319,11 @@ def test_openai_backend_request_shape(server):
 
 
 def test_openai_backend_env_defaults(monkeypatch):
-    monkeypatch.setenv("OPID_ANALYZER_URL", "http://example.invalid/v1/")
+    monkeypatch.setenv("OPID_ANALYZER_URL", "https://example.invalid/v1/")
     monkeypatch.setenv("OPID_ANALYZER_MODEL", "gemini-flash")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     client = S.OpenAIChatAnalyzer()
-    assert (client.base_url, client.model, client.api_key) == ("http://example.invalid/v1", "gemini-flash", "sk-test")
+    assert (client.base_url, client.model, client.api_key) == ("https://example.invalid/v1", "gemini-flash", "sk-test")
 
 
 def test_openai_backend_retries_500_then_succeeds(server):
@@ -346,7 +346,8 @@ def test_analyze_trajectories_counts_every_failure(server):
     assert time.time() - start < 5
     assert result[0] == result[1] == S.Skills(GOOD["episode_skill"], {1: "Take the mug 1 now.", 3: "Clean the mug 1 now."}, "won")
     assert result[2:] == [None, None, None]
-    assert stats == {"requests": 6, "parse_failures": 2, "repairs": 1, "transport_errors": 2, "timeouts": 1, "no_skill": 3}
+    assert stats == {"requests": 6, "parse_failures": 2, "repairs": 1, "transport_errors": 2, "timeouts": 1,
+                     "invalid_replies": 0, "no_skill": 3}
     # the repair request carried the bad reply and the repair instruction
     broken = [b for _, _, b in server.requests if _case_of(b) == "broken"]
     assert len(broken) == 2 and len(broken[1]["messages"]) == 4
@@ -368,7 +369,8 @@ def test_analyze_empty_episode_skill_is_no_skill_without_repair():
     empty = Fixed(['{"episode_skill": "", "step_skills": {}}'])
     result, stats = S.analyze_trajectories([alfworld_won()], empty, 5)
     assert result == [None] and empty.calls == 1
-    assert stats == {"requests": 1, "parse_failures": 0, "repairs": 0, "transport_errors": 0, "timeouts": 0, "no_skill": 1}
+    assert stats == {"requests": 1, "parse_failures": 0, "repairs": 0, "transport_errors": 0, "timeouts": 0,
+                     "invalid_replies": 1, "no_skill": 1}
     repaired = Fixed(["no json, sorry", json.dumps(GOOD)])
     result, stats = S.analyze_trajectories([alfworld_won()], repaired, 1)
     assert result[0].step_skills == {1: "Take the mug 1 now."}
