@@ -261,9 +261,12 @@ def flag_config(args):
 def load_model_for_eval(args):
     """(model, tokenizer, train.Config, source description) for --run / --checkpoint / --model."""
     import torch
+    import transformers
 
     import policy
     import train
+    if not sys.stderr.isatty():  # a pipe or a log file gets whole lines: no loading bar
+        transformers.utils.logging.disable_progress_bar()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.run:
         run_dir = Path(args.run)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
@@ -553,6 +554,8 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
+    if not sys.stderr.isatty():  # a pipe or a log file gets whole lines: no transformers bars either
+        transformers.utils.logging.disable_progress_bar()
     log_with = report_to(cfg) + list(trackers or [])
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if torch.cuda.is_available() else "no",

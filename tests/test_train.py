@@ -194,9 +194,13 @@ def test_cli_log_is_whole_lines_with_a_summary_when_piped(model_dir, tmp_path):
     """`python train.py 2>&1 | tee log`: stderr is not a terminal, so no progress bar writes
     carriage-return fragments; every iteration and evaluation is one line, and the run ends with a
     before/after table and the paths of its metrics and plot."""
-    done = run_train(model_dir, tmp_path, "--env", "search", "--algo", "grpo", "--iters", "1", "--name", "r")
-    log = done.stdout + done.stderr
-    assert "\r" not in log
+    argv = [sys.executable, "train.py", "--model", str(model_dir), "--out-dir", str(tmp_path), "--env", "search",
+            "--algo", "grpo", "--iters", "1", "--tasks-per-batch", "2", "--group-size", "2", "--max-new-tokens", "8",
+            "--eval-episodes", "2", "--name", "r"]
+    done = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:]
+    log = done.stdout.decode()  # bytes: text mode would turn every carriage return into a newline
+    assert "\r" not in log, [line for line in log.split("\n") if "\r" in line]
     lines = log.splitlines()
     assert sum(line.startswith("[eval start") for line in lines) == 1
     assert sum(line.startswith("[iter 1/1]") for line in lines) == 1
