@@ -43,6 +43,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 from envs import make_env
 
 Policy = Callable[[list[str], list], list[str]]
@@ -93,6 +95,8 @@ def run_episodes(env_name: str, policy: Policy, split: str, episodes: int, batch
     copies = [make_env(env_name, **kwargs) for _ in range(min(batch, episodes))]
     n_tasks = copies[0].num_tasks()
     records = []
+    bar = tqdm(total=episodes, desc=f"{env_name} {split}", unit="episode", leave=False,
+               disable=None)  # None: no bar when stderr is not a terminal (a log file gets whole lines only)
     for start in range(0, episodes, len(copies)):
         running = copies[: min(len(copies), episodes - start)]
         tasks = [(start + i) % n_tasks for i in range(len(running))]
@@ -115,8 +119,10 @@ def run_episodes(env_name: str, policy: Policy, split: str, episodes: int, batch
                 s["score"] = float(info.get("score", float(s["won"])))
                 if not done:
                     still.append(i)
+            bar.update(len(active) - len(still))
             active = still
         records += stats
+    bar.close()
     return records
 
 
@@ -255,9 +261,12 @@ def flag_config(args):
 def load_model_for_eval(args):
     """(model, tokenizer, train.Config, source description) for --run / --checkpoint / --model."""
     import torch
+    import transformers
 
     import policy
     import train
+    if not sys.stderr.isatty():  # a pipe or a log file gets whole lines: no loading bar
+        transformers.utils.logging.disable_progress_bar()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.run:
         run_dir = Path(args.run)
@@ -299,7 +308,8 @@ def evaluate_model(args) -> tuple[dict, str, list[dict], dict]:
     for seed in args.seeds:
         _, trajs = rollout.evaluate_policy(
             model, tokenizer, make, num_tasks, episodes=args.episodes, max_new_tokens=cfg.max_new_tokens,
-            temperature=args.temperature, greedy=args.greedy, seed=seed, batch_size=args.batch or 64)
+            temperature=args.temperature, greedy=args.greedy, seed=seed, batch_size=args.batch or 64,
+            desc=f"seed {seed}")
         records[str(seed)] = trajectory_records(trajs)
         summaries.append(summarize(records[str(seed)], cfg.env))
     settings = {"source": source, "env": cfg.env, "split": args.split, "episodes": args.episodes,
@@ -368,6 +378,24 @@ def final_metrics(records: list[dict]) -> dict:
         "updates": max((r.get("updates", 0) for r in records), default=None),
         "wall_time_s": sum(times) if times else None,
     }
+
+
+BEFORE_AFTER = (("success", "eval/success_rate"), ("score", "eval/mean_score"),
+                ("invalid rate", "eval/invalid_rate"), ("steps per episode", "eval/mean_steps"))
+
+
+def before_after_table(records: list[dict]) -> str:
+    """A run's first and last evaluation side by side, as a Markdown table ("" without evaluations)."""
+    evals = sorted((r for r in records if r.get("kind") == "eval"), key=lambda r: r.get("updates", 0))
+    if not evals:
+        return ""
+    first, last = evals[0], evals[-1]
+    lines = [f"| eval ({first.get('split', 'eval')} split) | after {first.get('updates', 0)} updates "
+             f"| after {last.get('updates', 0)} updates |", "|---|---|---|"]
+    for name, key in BEFORE_AFTER:
+        if key in first and key in last:
+            lines.append(f"| {name} | {first[key]:.3f} | {last[key]:.3f} |")
+    return "\n".join(lines)
 
 
 def eval_curve(records: list[dict]) -> list[tuple[int, int, float]]:
@@ -536,6 +564,13 @@ def plot_curves(groups: dict, path: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def default_plot_path(args) -> str:
+    """--compare without --plot: curves.png in the folder of --out (or --md), else in the first run's."""
+    beside = args.out or args.md
+    folder = Path(beside).parent if beside else Path(args.compare[0])
+    return str(folder / "curves.png")
+
+
 def write_text(path: str | None, text: str) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -552,7 +587,8 @@ def main(argv=None) -> dict:
                       help="baseline without a model: expert (the env's oracle) or random admissible actions")
     what.add_argument("--compare", nargs="+", default=None, metavar="RUN", help="compare these run folders")
     what.add_argument("--labels", nargs="+", default=None, help="--compare: one label per run (same label = seeds)")
-    what.add_argument("--plot", default=None, help="--compare: write learning curves to this PNG")
+    what.add_argument("--plot", default=None,
+                      help="--compare: learning-curve PNG (default: curves.png beside --out / --md, else in the first run)")
     what.add_argument("--reference", default=None,
                       help="--compare: label the sample efficiency is measured against (default grpo, else the first)")
     env = parser.add_argument_group("environment (ignored with --run)")
@@ -586,8 +622,11 @@ def main(argv=None) -> dict:
         table = "\n\n".join(part for part in parts if part)
         print(table)
         write_text(args.md, table + "\n")
-        plotted = plot_curves(groups, args.plot) if args.plot else False
-        result = {"groups": groups, "efficiency": eff, "plot": args.plot if plotted else None}
+        plot_path = args.plot or default_plot_path(args)
+        plotted = plot_curves(groups, plot_path)
+        if plotted:
+            print(f"[eval] plot: {plot_path}", file=sys.stderr)  # stdout stays the Markdown table
+        result = {"groups": groups, "efficiency": eff, "plot": plot_path if plotted else None}
         write_text(args.out, json.dumps(result, indent=1))
         return result
 

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 import policy
 
 
@@ -131,21 +133,32 @@ def summarize(trajs: list[Trajectory]) -> dict:
     }
 
 
+def progress_bar(total: int, desc: str, unit: str) -> tqdm:
+    """A tqdm bar on a terminal; none when stderr is a pipe or a file (`python train.py 2>&1 | tee log`
+    then gets whole lines only: the callers log one line per evaluation and per iteration)."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
+
+
 def evaluate_policy(model, tokenizer, make_env: Callable[[], object], num_tasks: int, *, episodes: int,
                     max_new_tokens: int, temperature: float = 0.4, greedy: bool = False, seed: int = 0,
-                    batch_size: int = 64) -> tuple[dict, list[Trajectory]]:
+                    batch_size: int = 64, desc: str = "eval") -> tuple[dict, list[Trajectory]]:
     """Play `episodes` episodes on tasks 0..num_tasks-1 (cycling), `batch_size` copies at a time.
 
     The paper validates with T = 0.4 sampling; `greedy=True` gives the deterministic variant.
+    A progress bar counts finished episodes (terminal only, see `progress_bar`).
     """
     rng = random.Random(seed)
     order = [k % num_tasks for k in range(episodes)]
     envs = [make_env() for _ in range(min(batch_size, episodes))]
     trajs: list[Trajectory] = []
-    for start in range(0, episodes, batch_size):
-        tasks = order[start:start + batch_size]
-        batch, _ = collect_rollouts(model, tokenizer, envs[:len(tasks)], tasks, list(range(len(tasks))),
-                                    max_new_tokens=max_new_tokens, temperature=temperature,
-                                    greedy=greedy, seed=rng.randrange(2**31))
-        trajs.extend(batch)
+    with progress_bar(episodes, desc, "episode") as bar:
+        for start in range(0, episodes, batch_size):
+            tasks = order[start:start + batch_size]
+
+            def finished(step: int, num_active: int) -> None:
+                bar.update(start + len(tasks) - num_active - bar.n)
+            batch, _ = collect_rollouts(model, tokenizer, envs[:len(tasks)], tasks, list(range(len(tasks))),
+                                        max_new_tokens=max_new_tokens, temperature=temperature,
+                                        greedy=greedy, seed=rng.randrange(2**31), progress=finished)
+            trajs.extend(batch)
     return summarize(trajs), trajs

@@ -28,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+import eval as evaluation
 import json_http
 import opid
 import policy
@@ -61,6 +63,7 @@ class Config:
     eval_split: str = arg("eval", "split the evaluations play: eval, or train to measure the games trained on")
     eval_temperature: float = arg(0.4, "sampling temperature of evaluation (the paper's validation setting)")
     eval_greedy: bool = arg(False, "evaluate with greedy decoding instead of T=eval_temperature sampling")
+    report_to: str = arg("none", "also log metrics.jsonl's scalars to: none | tensorboard | wandb (accelerate trackers)")
     # --- environment (None = the environment's default from OPID_SPEC §9) ---
     env: str = arg("alfworld", "environment: alfworld | webshop | search")
     tasks_per_batch: int = arg(2, "B: task groups per iteration (CPU-sized; the paper: 16, search 128)")
@@ -141,6 +144,7 @@ CHOICES = {  # field: the values it takes
     "webshop_backend": ("sim", "official"), "search_retriever": ("bm25", "server"),
     "analyzer": ("rule", "openai", "policy"), "adv_mode": ("mean_std_norm", "mean_norm"),
     "validity": ("format", "admissible"), "penalty_scope": ("step", "trajectory"),
+    "report_to": ("none", "tensorboard", "wandb"),
 }
 RANGES = {  # field: (test of the resolved value, what it must be)
     "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2**31)"),
@@ -299,6 +303,7 @@ def resolve_defaults(cfg: Config) -> Config:
         raise SystemExit(f"--qa-corpus {cfg.qa_corpus}: no such file")
     if cfg.algo in ANALYZER_ALGOS and cfg.analyzer == "openai":
         check_analyzer_url(cfg)
+    report_to(cfg)  # the tracker's package is installed
     check_model_loadable(cfg.model)
     return cfg
 
@@ -535,6 +540,32 @@ def ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, dis
     return {**means, "update/skipped_nonfinite": skipped}
 
 
+def report_to(cfg: Config) -> list[str]:
+    """`--report-to` as accelerate tracker names; a clear error when the package is missing (accelerate
+    itself would drop an unavailable tracker silently)."""
+    if cfg.report_to not in CHOICES["report_to"]:
+        raise SystemExit(f"--report-to must be one of {', '.join(CHOICES['report_to'])}; got {cfg.report_to!r}")
+    if cfg.report_to == "none":
+        return []
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[cfg.report_to]
+    if not available():
+        raise SystemExit(f"--report-to {cfg.report_to}: the {cfg.report_to} package is not installed "
+                         f"(pip install {cfg.report_to})")
+    return [cfg.report_to]
+
+
+def scalars(record: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a metrics record, nested dicts flattened with '/' (for the trackers)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix + key] = value
+    return out
+
+
 def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrapped, reference, tokenizer,
                      optimizer, accelerator, analyzer, iteration: int, skill_bank: dict[int, str]) -> dict:
     """Steps 2–7 of one iteration on a collected batch of trajectories; returns its metrics.
@@ -723,11 +754,17 @@ def start_run_folder(cfg: Config, run_dir: Path, resume_from: str | None) -> Non
 # ---------------------------------------------------------------------------------------------
 
 
-def main(cfg: Config) -> Path:
+def main(cfg: Config, trackers: list | None = None) -> Path:
+    """Train; returns the run folder. `trackers`: extra accelerate `GeneralTracker` objects that get
+    the same scalars as metrics.jsonl (besides `--report-to`'s)."""
     cfg, run_dir, resume_from, notes = open_run(cfg)
 
+    if not sys.stderr.isatty():  # a pipe or a log file gets whole lines: no transformers bars either
+        transformers.utils.logging.disable_progress_bar()
+    log_with = report_to(cfg) + list(trackers or [])
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if torch.cuda.is_available() else "no")
+                              mixed_precision="bf16" if torch.cuda.is_available() else "no",
+                              log_with=log_with or None, project_dir=str(run_dir))
     rank, world = accelerator.process_index, accelerator.num_processes
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -738,6 +775,9 @@ def main(cfg: Config) -> Path:
         for note in notes:
             log(f"[run] {note}")
     accelerator.wait_for_everyone()
+    if log_with:  # after the run folder is (re)made: --overwrite must not delete the new tracker logs
+        accelerator.init_trackers(cfg.name, config={k: v for k, v in dataclasses.asdict(cfg).items()
+                                                    if isinstance(v, (int, float, str, bool))})
 
     checkpoint = run_dir / run_folder.CHECKPOINT if resume_from else None
     model, tokenizer = load_model(cfg, accelerator.device, checkpoint / "model" if checkpoint else None)
@@ -760,6 +800,12 @@ def main(cfg: Config) -> Path:
         if damaged:
             log(f"[run] {len(damaged)} damaged line(s) of {metrics_path} moved to {metrics_path}.damaged")
     accelerator.wait_for_everyone()
+
+    def write_metrics(record: dict) -> None:
+        append_metrics(metrics_path, record)
+        if log_with:
+            accelerator.log(scalars({k: v for k, v in record.items() if k != "updates"}), step=record["updates"])
+
     skill_bank: dict[int, str] = {int(k): v for k, v in state.get("skill_bank", {}).items()}
 
     unwrapped = accelerator.unwrap_model(model)
@@ -780,17 +826,17 @@ def main(cfg: Config) -> Path:
         summary, _ = rollout.evaluate_policy(
             unwrapped, tokenizer, make_eval_env, num_eval_tasks,
             episodes=cfg.eval_episodes, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
-            greedy=cfg.eval_greedy, seed=cfg.seed)
-        append_metrics(metrics_path, {"kind": "eval", "updates": state["updates"], "env_steps": state["env_steps"],
-                                      "split": cfg.eval_split, **{f"eval/{k}": v for k, v in summary.items()}})
+            greedy=cfg.eval_greedy, seed=cfg.seed, desc=f"eval {tag}")
+        write_metrics({"kind": "eval", "updates": state["updates"], "env_steps": state["env_steps"],
+                       "split": cfg.eval_split, **{f"eval/{k}": v for k, v in summary.items()}})
         log(f"[eval {tag}, {cfg.eval_split} split] updates={state['updates']} success={summary['success_rate']:.3f} "
             f"score={summary['mean_score']:.3f} invalid={summary['invalid_rate']:.3f} "
             f"per-type={json.dumps(summary['per_task_type'])}")
 
     if state["updates"] == 0:
         evaluate("start")
-    bar = tqdm(range(state["updates"], cfg.iters), desc=cfg.name, disable=not accelerator.is_main_process,
-               initial=state["updates"], total=cfg.iters)
+    bar = tqdm(range(state["updates"], cfg.iters), desc=cfg.name, unit="iter", initial=state["updates"],
+               total=cfg.iters, disable=None if accelerator.is_main_process else True)  # None: no bar in a log file
     for iteration in bar:
         t_iter = time.perf_counter()
         # 1. Rollout groups: B tasks × N copies; this process plays its share of the groups.
@@ -816,7 +862,7 @@ def main(cfg: Config) -> Path:
                   **rollout.summarize(trajs), "tokens_generated": rstats["generated_tokens"], **record,
                   "time/rollout_s": rstats["rollout_s"], "time/iteration_s": time.perf_counter() - t_iter}
         record.pop("per_task_type", None)
-        append_metrics(metrics_path, record)
+        write_metrics(record)
         bar.set_postfix(success=f"{record['success_rate']:.2f}", kl=f"{record['kl']:.4f}")
         log(f"[iter {state['updates']}/{cfg.iters}] success={record['success_rate']:.3f} "
             f"return={record['mean_return']:.2f} invalid={record['invalid_rate']:.3f} "
@@ -834,8 +880,26 @@ def main(cfg: Config) -> Path:
             save_checkpoint(run_dir, accelerator.unwrap_model(model), tokenizer, optimizer, state)
     if state["updates"] == cfg.iters:
         evaluate("end")
+    if accelerator.is_main_process:  # the run in one screen: before/after table, where its files are
+        table = evaluation.before_after_table(load_metrics(metrics_path, state["updates"])[0])
+        if table:
+            log(table)
+        plotted = plot_learning_curve(run_dir, cfg.name)
+        log(f"metrics: {metrics_path}" + (f"\nplot: {plotted}" if plotted else ""))
+    if log_with:
+        accelerator.end_training()
     log(f"done: {run_dir}")
     return run_dir
+
+
+def plot_learning_curve(run_dir: Path, label: str) -> Path | None:
+    """curves.png beside metrics.jsonl: this run's eval success vs env steps and updates (None
+    when the run has no evaluation)."""
+    groups = evaluation.compare_runs([str(run_dir)], [label])
+    if not groups[label]["curve"]:
+        return None
+    path = run_dir / "curves.png"
+    return path if evaluation.plot_curves(groups, str(path)) else None
 
 
 def skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, routed_ep, routed_st,

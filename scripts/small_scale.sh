@@ -9,7 +9,7 @@
 #   PREFIX=alfworld-g16 METHODS="grpo opid" ITERS=12 EVAL_EVERY=6 EVAL_EPISODES=160 \
 #     BATCH="--tasks-per-batch 4 --group-size 8" OUT=results/alfworld-g16 \
 #     EXTRA="--alfworld-games 16 --eval-split train --temperature 0.4 --invalid-penalty 0" bash scripts/small_scale.sh
-#                                                      # 16 games, evaluated on those games (README "Results")
+#                                                      # 16 games, evaluated on those games (docs/experiments.md)
 #
 # Two runs at a time (one torch thread each) on a 2-core machine. Results: results/<env>/.
 set -euo pipefail

@@ -225,3 +225,29 @@ def test_compare_says_when_runs_were_evaluated_on_the_train_split(tmp_path, fake
     assert first_line.startswith("Evaluation split: grpo on train") and "not comparable" not in first_line
     mixed = ev.split_note(ev.compare_runs([str(g16), fake_runs[2]], ["g16", "grpo"]))
     assert "g16 on train, grpo on eval" in mixed and "not comparable" in mixed
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_writes_curves_png_beside_the_output_by_default(fake_runs, tmp_path, capsys):
+    """Without --plot the curves land in the first run's folder, or beside --out when given."""
+    result = ev.main(["--compare", *fake_runs, "--labels", "opid", "opid", "grpo"])
+    first = Path(fake_runs[0]) / "curves.png"
+    assert result["plot"] == str(first) and first.read_bytes()[:8] == PNG_SIGNATURE
+    assert f"plot: {first}" in capsys.readouterr().err
+    out = tmp_path / "cmp" / "table.json"
+    result = ev.main(["--compare", *fake_runs, "--out", str(out)])
+    assert result["plot"] == str(tmp_path / "cmp" / "curves.png")
+    assert (tmp_path / "cmp" / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_before_after_table_by_hand():
+    records = [{**ev_line(3, 300, 0.25, 0.5), "eval/invalid_rate": 0.125, "split": "train"},
+               train_line(1, 100, 0.0, 1.0),
+               {**ev_line(0, 0, 0.1, 0.2), "eval/invalid_rate": 0.3, "split": "train"}]
+    header, rule, success, score, invalid = ev.before_after_table(records).splitlines()
+    assert header == "| eval (train split) | after 0 updates | after 3 updates |" and rule == "|---|---|---|"
+    assert success == "| success | 0.100 | 0.250 |" and score == "| score | 0.200 | 0.500 |"
+    assert invalid == "| invalid rate | 0.300 | 0.125 |"
+    assert ev.before_after_table([train_line(1, 100, 0.0, 1.0)]) == ""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.tracking import GeneralTracker
 
 import opid
 import policy
@@ -217,6 +218,79 @@ def test_opid_runs_two_iterations_on_every_environment(model_dir, tmp_path, env)
         assert r["routing/share_step"] + r["routing/share_episode"] > 0
         assert "delta/mean_format_tokens" in r and r["time/teacher_s"] >= 0
     assert (tmp_path / "r" / "checkpoint" / "model" / "config.json").exists()
+    assert (tmp_path / "r" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the learning curve
+
+
+def test_cli_log_is_whole_lines_with_a_summary_when_piped(model_dir, tmp_path):
+    """`python train.py 2>&1 | tee log`: stderr is not a terminal, so no progress bar writes
+    carriage-return fragments; every iteration and evaluation is one line, and the run ends with a
+    before/after table and the paths of its metrics and plot."""
+    argv = [sys.executable, "train.py", "--model", str(model_dir), "--out-dir", str(tmp_path), "--env", "search",
+            "--algo", "grpo", "--iters", "1", "--tasks-per-batch", "2", "--group-size", "2", "--max-new-tokens", "8",
+            "--eval-episodes", "2", "--name", "r"]
+    done = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:]
+    log = done.stdout.decode()  # bytes: text mode would turn every carriage return into a newline
+    assert "\r" not in log, [line for line in log.split("\n") if "\r" in line]
+    lines = log.splitlines()
+    assert sum(line.startswith("[eval start") for line in lines) == 1
+    assert sum(line.startswith("[iter 1/1]") for line in lines) == 1
+    assert "| eval (eval split) | after 0 updates | after 1 updates |" in lines
+    assert f"metrics: {tmp_path / 'r' / 'metrics.jsonl'}" in lines
+    assert f"plot: {tmp_path / 'r' / 'curves.png'}" in lines
+    assert (tmp_path / "r" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class RecordingTracker(GeneralTracker):
+    """An accelerate tracker that keeps what it is given (stands in for tensorboard / wandb)."""
+    name = "recording"
+    requires_logging_directory = False
+
+    def __init__(self):
+        super().__init__()
+        self.config, self.logged, self.finished = None, [], False
+
+    @property
+    def tracker(self):
+        return self
+
+    def store_init_configuration(self, values):
+        self.config = values
+
+    def log(self, values, step=None, **kwargs):
+        self.logged.append((step, dict(values)))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_trackers_get_the_scalars_of_metrics_jsonl(model_dir, tmp_path):
+    tracker = RecordingTracker()
+    cfg = train.parse_config(["--model", str(model_dir), "--out-dir", str(tmp_path), "--name", "r", "--env", "search",
+                              "--algo", "opid", "--iters", "2", "--tasks-per-batch", "2", "--group-size", "2",
+                              "--max-new-tokens", "8", "--eval-episodes", "2"])
+    train.main(cfg, trackers=[tracker])
+    recs = records(tmp_path / "r")
+    assert [step for step, _ in tracker.logged] == [r["updates"] for r in recs] == [0, 1, 2, 2]
+    for (_, values), rec in zip(tracker.logged, recs):
+        expected = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and k != "updates"}
+        expected.update({f"eval/per_task_type/{t}": v for t, v in rec.get("eval/per_task_type", {}).items()})
+        assert values == expected
+    assert "delta/mean_abs" in tracker.logged[1][1] and "eval/success_rate" in tracker.logged[0][1]
+    assert tracker.config["algo"] == "opid" and tracker.config["env"] == "search" and tracker.finished
+
+
+def test_report_to_rejects_unknown_and_missing_trackers(monkeypatch):
+    assert train.report_to(train.Config()) == []  # default: none
+    with pytest.raises(SystemExit, match="--report-to must be one of"):
+        train.report_to(train.Config(report_to="mlflow"))
+    import accelerate.utils
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    with pytest.raises(SystemExit, match="pip install tensorboard"):
+        train.report_to(train.Config(report_to="tensorboard"))
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: True)
+    assert train.report_to(train.Config(report_to="wandb")) == ["wandb"]
 
 
 def test_eval_split_train_plays_the_training_games(model_dir, tmp_path, monkeypatch):
@@ -371,3 +445,25 @@ def test_warmup_learning_rate_reaches_the_update(model_dir, tmp_path):
     train_recs = [r for r in records(tmp_path / "w") if r["kind"] == "train"]
     assert [r["update/lr"] for r in train_recs] == pytest.approx([0.0, 5e-4])
     assert [r["update/skipped_nonfinite"] for r in train_recs] == [0, 0]
+
+
+def test_evaluation_progress_bar_counts_episodes_on_a_terminal_only(model_dir, monkeypatch):
+    import io
+    from envs import make_env
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    model, tokenizer = policy.load_policy(str(model_dir))
+    make = lambda: make_env("search", split="eval", think=False, max_steps=2)
+    outputs = []
+    for stream in (Terminal(), io.StringIO()):
+        monkeypatch.setattr(sys, "stderr", stream)
+        _, trajs = rollout.evaluate_policy(model, tokenizer, make, 5, episodes=3, max_new_tokens=4, batch_size=2,
+                                           desc="eval test")
+        assert len(trajs) == 3
+        outputs.append(stream.getvalue())
+    terminal, piped = outputs
+    assert "eval test:" in terminal and "0/3" in terminal and "episode" in terminal
+    assert piped == ""  # a pipe or a log file gets no bar at all
