@@ -13,8 +13,10 @@ combined advantage → PPO update.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object
 from tqdm.auto import tqdm
 
 import opid
@@ -71,10 +74,15 @@ class Config:
     alfworld_task_types: str = arg("", "comma-separated ALFWorld task types to train and evaluate on (empty: all six)")
     # --- model ---
     model: str = arg("tiny", "tiny | smollm2 | a Hugging Face hub id | a local model folder")
-    lora_rank: int = arg(0, "LoRA rank (0: full fine-tuning); the KL reference is then the adapter-free base")
+    lora_rank: int = arg(0, "LoRA rank (0: full fine-tuning, every weight kept in fp32 master weights, compute in "
+                            "--mixed-precision; >0: frozen base in the compute dtype, fp32 adapters, the KL "
+                            "reference is the adapter-free base)")
     lora_alpha: int = arg(32, "LoRA alpha")
     lora_target_modules: str = arg("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA adapts")
-    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
+    gradient_checkpointing: bool | None = arg(None, "recompute activations in the backward pass to save memory "
+                                                    "(default: on for every model but tiny)")
+    mixed_precision: str = arg("auto", "compute precision of every forward pass: auto (bf16 on GPU, fp32 on CPU) | "
+                                       "bf16 | no; weights being trained stay fp32 either way")
     max_new_tokens: int | None = arg(None, "max tokens per response (tiny: warmstart.TINY_MAX_NEW_TOKENS, 24 / 48 / 24; otherwise 512)")
     temperature: float = arg(1.0, "rollout sampling temperature (the update, reference and teacher score at it too)")
     top_p: float = arg(1.0, "rollout nucleus sampling top-p")
@@ -106,6 +114,11 @@ class Config:
     ppo_epochs: int = arg(1, "passes over the batch per iteration")
     mini_batch_size: int = arg(256, "step-samples per optimizer step")
     micro_batch_size: int = arg(16, "step-samples per forward/backward (gradient accumulation)")
+    score_micro_batch_size: int | None = arg(None, "step-samples per no-grad forward (old, reference, teacher "
+                                                   "passes; default micro_batch_size: then the old and update "
+                                                   "passes are bit-identical and the first PPO ratio is exactly 1)")
+    logprob_chunk_size: int = arg(1024, "tokens per fp32 log-softmax slice: no fp32 [tokens × vocabulary] tensor "
+                                        "is larger (Qwen's 151,936 vocabulary: 0.62 GB)")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
 
 
@@ -182,18 +195,51 @@ def parse_config(argv: list[str] | None = None) -> Config:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_model(cfg: Config, device: torch.device, checkpoint: Path | None = None):
-    """The policy (and, for full fine-tuning with KL, a frozen reference copy)."""
-    name = cfg.model
-    if name == "tiny":
+def mixed_precision(cfg: Config) -> str:
+    """--mixed-precision resolved: "bf16" or "no" (auto: bf16 on a GPU, fp32 on the CPU)."""
+    if cfg.mixed_precision not in ("auto", "bf16", "no"):
+        raise SystemExit(f"--mixed-precision must be auto, bf16 or no, got {cfg.mixed_precision!r}")
+    if cfg.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return cfg.mixed_precision
+
+
+def model_name_or_folder(cfg: Config) -> str:
+    """--model as `policy.load_policy` takes it ("tiny" is the warm-started agent of this environment)."""
+    if cfg.model == "tiny":
         import warmstart
-        name = str(warmstart.tiny_agent_folder(cfg.env))
+        return str(warmstart.tiny_agent_folder(cfg.env))
+    return cfg.model
+
+
+def load_model(cfg: Config, device: torch.device, checkpoint: Path | None = None):
+    """The policy and its tokenizer, from --model or from a checkpoint's model folder.
+
+    Full fine-tuning loads every weight in fp32: AdamW then updates fp32 master weights (at lr
+    1e-6 most updates are below bf16's resolution — bf16 weights would barely move), while the
+    forward passes compute in bf16 through accelerate's autocast (--mixed-precision). LoRA keeps
+    the frozen base in the compute dtype and its adapters in fp32 (peft's default).
+    """
+    lora = cfg.lora_rank > 0 or (checkpoint is not None and (checkpoint / "adapter_config.json").exists())
+    dtype = torch.bfloat16 if lora and mixed_precision(cfg) == "bf16" else torch.float32
+    checkpointing = cfg.model != "tiny" if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     model, tokenizer = policy.load_policy(
-        name, device=str(device), lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-        lora_target_modules=cfg.lora_target_modules.split(","),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        adapter_dir=None if checkpoint is None else str(checkpoint))
+        model_name_or_folder(cfg), device=str(device), dtype=dtype, lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha, lora_target_modules=cfg.lora_target_modules.split(","),
+        gradient_checkpointing=checkpointing, adapter_dir=None if checkpoint is None else str(checkpoint))
     return model, tokenizer
+
+
+def load_reference(cfg: Config, model, device: torch.device, resumed: bool):
+    """The frozen KL reference (§8): None with LoRA (the adapter-free base is the reference) or
+    with --kl-coef 0; for full fine-tuning a frozen copy of the INITIAL model — after --resume it
+    is loaded again from --model, never taken from the checkpoint's trained weights."""
+    if cfg.kl_coef <= 0 or policy.is_lora(model):
+        return None
+    if not resumed:
+        return policy.make_reference(model)
+    initial, _ = load_model(cfg, device)
+    return initial.eval().requires_grad_(False)
 
 
 def build_analyzer(cfg: Config, model, tokenizer):
@@ -259,12 +305,17 @@ def padded(rows: list[list[float]] | list[torch.Tensor], length: int) -> torch.T
 
 
 def teacher_logprobs(model, tokenizer, samples: list[rollout.Sample], contexts: list[tuple[int, str | None, str | None]],
-                     length: int, micro_batch_size: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     length: int, micro_batch_size: int, temperature: float = 1.0,
+                     groups: list[list[int]] | None = None,
+                     chunk_tokens: int = policy.LOGPROB_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """§6–§7: re-score each sample's OWN response ids under its skill-augmented prompt.
 
-    contexts: (sample index, episode text or None, step text or None) per teacher pass. The
-    augmented prompt text is re-templated; the response token ids are reused unchanged.
-    `temperature` is the rollout temperature: Δ compares log-probs of one distribution family.
+    contexts: (sample index, episode text or None, step text or None) per teacher pass, each
+    sample at most once. The augmented prompt text is re-templated; the response token ids are
+    reused unchanged. `temperature` is the rollout temperature: Δ compares log-probs of one
+    distribution family. `groups` (sample indices) are the micro-batches of the old pass: the
+    teacher scores its rows in the same groups, so a skill that changes nothing gives Δ = 0
+    exactly; without `groups`, rows are sorted by length in `micro_batch_size` batches.
     Returns (teacher log-probs [S, length], rows that were scored [S] bool).
     """
     result, scored = torch.zeros(len(samples), length), torch.zeros(len(samples), dtype=torch.bool)
@@ -273,9 +324,12 @@ def teacher_logprobs(model, tokenizer, samples: list[rollout.Sample], contexts: 
     prompts = [policy.chat_prompt_ids(tokenizer, skills.inject_skills(samples[i].prompt_text, ep, st))
                for i, ep, st in contexts]
     responses = [samples[i].response_ids for i, _, _ in contexts]
+    row_of = {i: row for row, (i, _, _) in enumerate(contexts)}
+    context_groups = None if groups is None else [[row_of[i] for i in g if i in row_of] for g in groups]
     with torch.no_grad():
         logprobs, _, _ = policy.response_logprobs(model, prompts, responses, temperature=temperature,
-                                                  micro_batch_size=micro_batch_size)
+                                                  micro_batch_size=micro_batch_size, groups=context_groups,
+                                                  chunk_tokens=chunk_tokens)
     for row, (i, _, _) in enumerate(contexts):
         n = len(samples[i].response_ids)
         result[i, :n] = logprobs[row, :n].float().cpu()
@@ -302,56 +356,113 @@ def format_token_mask(tokenizer, response_ids: list[int], length: int) -> torch.
     return mask
 
 
-def ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, distill_teacher, distill_rows,
-               mask, cfg: Config, rng: random.Random) -> dict:
+def micro_batches(rows: list[int], lengths: list[int], size: int) -> list[list[int]]:
+    """`rows` sorted by sequence length (ties: by index) and cut into micro-batches of `size`:
+    little padding per micro-batch, and one deterministic grouping every pass can share."""
+    ordered = sorted(rows, key=lambda i: (lengths[i], i))
+    return [ordered[k:k + size] for k in range(0, len(ordered), size)]
+
+
+def update_plan(samples: list[rollout.Sample], cfg: Config, accelerator, rng: random.Random) -> list[dict]:
+    """The optimizer steps of one PPO update on this process's samples, identical in shape on every rank.
+
+    Steps per epoch = ⌈global samples / mini_batch_size⌉; each rank splits its own (shuffled)
+    samples into that many parts, and each part into length-sorted micro-batches. Ranks hold
+    different numbers of samples (episode lengths vary), so every step is padded with empty
+    micro-batches up to the largest count of any rank: all ranks then run the same number of
+    forward/backward passes and optimizer steps, and their collectives pair up. Each step also
+    carries the GLOBAL number of response tokens of its part (the token-mean's denominator).
+    Returns [{"rows": sample indices, "micro_batches": [[...], ..., []], "tokens": float}].
+    """
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    device = accelerator.device
+    total = int(accelerator.gather(torch.tensor([len(samples)], device=device)).sum())
+    steps = max(1, math.ceil(total / cfg.mini_batch_size))
+    plan = []
+    for _ in range(cfg.ppo_epochs):
+        order = list(range(len(samples)))
+        rng.shuffle(order)
+        parts = [order[k * len(order) // steps:(k + 1) * len(order) // steps] for k in range(steps)]
+        micro = [micro_batches(part, lengths, cfg.micro_batch_size) for part in parts]
+        local = torch.tensor([[len(m) for m in micro], [sum(len(samples[i].response_ids) for i in part)
+                                                         for part in parts]], device=device)
+        everyone = accelerator.gather(local[None]).reshape(-1, 2, steps)  # [ranks, 2, steps]
+        most_micro, tokens = everyone[:, 0].max(dim=0).values, everyone[:, 1].sum(dim=0)
+        for k in range(steps):
+            padding = [[] for _ in range(int(most_micro[k]) - len(micro[k]))]
+            plan.append({"rows": parts[k], "micro_batches": micro[k] + padding, "tokens": float(tokens[k])})
+    return plan
+
+
+def ppo_update(model, optimizer, accelerator, samples, plan: list[dict], advantages, old, ref, distill_teacher,
+               distill_rows, mask, cfg: Config) -> dict[str, torch.Tensor]:
     """§8: clipped PPO on token-level advantages, + β·k3 KL − c_ent·H (+ λ·Skill-SD/OPSD term).
 
-    Mini-batches of `mini_batch_size` samples, each accumulated over micro-batches, loss
-    normalised by the mini-batch's response-token count (token-mean). Log-probs are taken at the
-    rollout temperature, as the saved old log-probs were: the first ratio is exactly 1.
+    One optimizer step per `plan` entry (see `update_plan`), accumulated over its micro-batches
+    with gradient all-reduce only on the last one (`no_sync`). The loss is the token-mean over the
+    step's GLOBAL response-token count N: each rank sums its tokens' losses and divides by N/ranks,
+    so that DDP's gradient average equals the gradient of Σ(all ranks' tokens)/N. An empty
+    (padding) micro-batch runs a one-token forward/backward with weight 0. The CPU tensors
+    (`advantages`, `old`, `ref`, `mask`, distillation terms, [S, L]) are moved to the device the
+    log-probs come back on. Log-probs are taken at the rollout temperature, as `old` was.
+    Returns the step-averaged statistics as 0-dim tensors on the model's device, averaged over ranks.
     """
     model.train()
-    totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipfrac": 0.0, "grad_norm": 0.0}
-    order = list(range(len(samples)))
-    num_minibatches = 0
-    for _ in range(cfg.ppo_epochs):
-        rng.shuffle(order)
-        for mb_start in range(0, len(order), cfg.mini_batch_size):
-            minibatch = order[mb_start:mb_start + cfg.mini_batch_size]
-            num_tokens = float(mask[minibatch].sum())
-            optimizer.zero_grad(set_to_none=True)
-            for mc_start in range(0, len(minibatch), cfg.micro_batch_size):
-                idx = minibatch[mc_start:mc_start + cfg.micro_batch_size]
+    world = accelerator.num_processes
+    names = ("loss", "pg_loss", "kl", "entropy", "clipfrac", "grad_norm")
+    totals = None
+    for step in plan:
+        num_tokens = step["tokens"] / world
+        optimizer.zero_grad(set_to_none=True)
+        for j, idx in enumerate(step["micro_batches"]):
+            last = j == len(step["micro_batches"]) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                if idx:
+                    prompts, responses = [samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx]
+                else:  # padding: this rank has no samples left in this step
+                    prompts, responses = [[0]], [[0]]
                 logp, _, entropy = policy.response_logprobs(
-                    model, [samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx],
-                    temperature=cfg.temperature, micro_batch_size=len(idx), with_entropy=True,
-                    requires_grad=True)
-                width = logp.shape[1]
-                m, a, o = mask[idx, :width], advantages[idx, :width], old[idx, :width]
-                pg_loss, stats = opid.ppo_clip_loss(logp, o, a, m, cfg.clip_eps, cfg.dual_clip or None, num_tokens)
+                    model, prompts, responses, temperature=cfg.temperature, with_entropy=True, requires_grad=True,
+                    groups=[list(range(len(prompts)))], chunk_tokens=cfg.logprob_chunk_size)
+                if totals is None:
+                    totals = {k: torch.zeros((), device=logp.device) for k in names}
+                if not idx:
+                    accelerator.backward((logp.sum() + entropy.sum()) * 0.0)
+                    continue
+                width, device = logp.shape[1], logp.device
+                rows = torch.tensor(idx)
+                m, a, o = (t[rows, :width].to(device) for t in (mask, advantages, old))
+                pg_loss, _ = opid.ppo_clip_loss(logp, o, a, m, cfg.clip_eps, cfg.dual_clip or None, num_tokens)
                 loss = pg_loss
                 if ref is not None:
-                    kl = opid.token_mean(opid.k3_kl(logp, ref[idx, :width]), m, num_tokens)
+                    kl = opid.token_mean(opid.k3_kl(logp, ref[rows, :width].to(device)), m, num_tokens)
                     loss = loss + cfg.kl_coef * kl
-                    totals["kl"] += kl.item()
+                    totals["kl"] += kl.detach()
                 ent = opid.token_mean(entropy, m, num_tokens)  # logged always, in the loss when c_ent > 0
                 if cfg.entropy_coef > 0:
                     loss = loss - cfg.entropy_coef * ent
-                totals["entropy"] += ent.item()
+                totals["entropy"] += ent.detach()
                 if distill_teacher is not None:
-                    rows = distill_rows[idx].float()[:, None]
+                    distilled = distill_rows[rows].float()[:, None].to(device)
                     loss = loss + cfg.distill_coef * opid.skill_sd_loss(
-                        logp, distill_teacher[idx, :width], o, m * rows, num_tokens)
+                        logp, distill_teacher[rows, :width].to(device), o, m * distilled, num_tokens)
                 accelerator.backward(loss)
-                totals["loss"] += loss.item()
-                totals["pg_loss"] += pg_loss.item()
-                totals["clipfrac"] += stats["clipfrac"] * float(m.sum()) / max(num_tokens, 1.0)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            totals["grad_norm"] += float(grad_norm)
-            num_minibatches += 1
+                totals["loss"] += loss.detach()
+                totals["pg_loss"] += pg_loss.detach()
+                totals["clipfrac"] += clipped_tokens(logp.detach(), o, a, m, cfg.clip_eps) / num_tokens
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        totals["grad_norm"] += torch.as_tensor(grad_norm, device=totals["grad_norm"].device).detach()
     model.eval()
-    return {k: v / max(num_minibatches, 1) for k, v in totals.items()}
+    stacked = accelerator.reduce(torch.stack([totals[k] for k in names]) / max(len(plan), 1), reduction="mean")
+    return dict(zip(names, stacked))
+
+
+def clipped_tokens(logprobs, old_logprobs, advantages, mask, clip_eps: float) -> torch.Tensor:
+    """How many tokens' PPO term is clipped (the clipped branch of §8's min is the active one)."""
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) > -advantages * ratio
+    return (clipped.float() * mask).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,35 +508,66 @@ def append_metrics(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def score_samples(model, samples: list[rollout.Sample], groups: list[list[int]], cfg: Config,
+                  accelerator) -> torch.Tensor:
+    """No-grad log-probs [S, longest response] (CPU, fp32; 0 on padding) of each sample's own
+    response under its own prompt, in `groups` micro-batches, in the run's compute precision."""
+    with torch.no_grad(), accelerator.autocast():
+        logprobs, _, _ = policy.response_logprobs(model, [s.prompt_ids for s in samples],
+                                                  [s.response_ids for s in samples], temperature=cfg.temperature,
+                                                  groups=groups, chunk_tokens=cfg.logprob_chunk_size)
+    return logprobs.float().cpu()
+
+
+def generate_mismatch(old: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor, clip_eps: float) -> dict:
+    """How far generate-time log-probs are from the recomputed log π_old (shown, never trained on):
+    the mean |old − generate| per token, and the share of tokens whose first PPO ratio
+    exp(old − generate) would already lie outside [1−ε, 1+ε] had the update used them."""
+    tokens = mask.sum().clamp(min=1.0)
+    outside = (torch.exp(old - generated) - 1.0).abs() > clip_eps
+    return {"old/mean_abs_diff_generate": float(((old - generated).abs() * mask).sum() / tokens),
+            "old/share_outside_clip_generate": float((outside.float() * mask).sum() / tokens)}
+
+
 def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrapped, reference, tokenizer,
                      optimizer, accelerator, analyzer, iteration: int, skill_bank: dict[int, str]) -> dict:
     """Steps 2–7 of one iteration on a collected batch of trajectories; returns its metrics.
 
     `model` is the (accelerate-prepared) module that is trained, `unwrapped` the same weights for
     the no-grad passes; `reference` the frozen KL reference (None with LoRA: adapter disabled);
-    `skill_bank` (Skill-GRPO only) is updated in place.
+    `skill_bank` (Skill-GRPO only) is updated in place. Under data parallelism `trajs` are this
+    process's share; the update's statistics are already averaged over processes, the rest of the
+    record is this process's (`merge_records` combines them).
     """
     # 2. Trajectory records: scores S_τ, per-sample tensors.
     samples = [s for t in trajs for s in t.samples]
     traj_of = [t for t in trajs for _ in t.samples]
     length = max(len(s.response_ids) for s in samples)
     mask = padded([[1.0] * len(s.response_ids) for s in samples], length)
-    old = padded([s.old_logprobs for s in samples], length)
+    generated = padded([s.old_logprobs for s in samples], length)  # recorded by generate: a metric only
     scores = torch.tensor([opid.trajectory_score(t.episode_reward, t.num_invalid, cfg.invalid_penalty)
                            for t in traj_of])
     group_ids = torch.tensor([s.uid for s in samples])
+    plan = update_plan(samples, cfg, accelerator, random.Random(cfg.seed + iteration))
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    score_size = cfg.score_micro_batch_size or cfg.micro_batch_size
+    score_groups = [g for step in plan[:len(plan) // cfg.ppo_epochs]
+                    for g in micro_batches(step["rows"], lengths, score_size)]
 
-    # 3. Skills from the finished trajectories (analyzer threads run while we do the reference pass).
+    # 3. Skills from the finished trajectories (analyzer threads run during the old and reference passes).
     t_analysis = time.perf_counter()
     views = trajectory_views(trajs, cfg.gamma, cfg.invalid_penalty)
     pending = skills.submit_analysis(views, analyzer, cfg.max_step_skills, cfg.analyzer_workers) if analyzer else None
+    # log π_old, recomputed (no grad) by the forward that the reference, teacher and update passes use,
+    # on the update's micro-batches: generate's own numbers (KV cache, other padding) differ from it
+    # in bf16 by ~0.06 nats per token, enough to start tokens outside the clip and to put noise in Δ.
+    t_old = time.perf_counter()
+    old = score_samples(unwrapped, samples, score_groups, cfg, accelerator)
+    old_s = time.perf_counter() - t_old
     ref = None
     if cfg.kl_coef > 0:
-        with torch.no_grad(), policy.reference_policy(unwrapped, reference) as ref_model:
-            ref_lp, _, _ = policy.response_logprobs(ref_model, [s.prompt_ids for s in samples],
-                                                    [s.response_ids for s in samples], temperature=cfg.temperature,
-                                                    micro_batch_size=cfg.micro_batch_size)
-        ref = padded(list(ref_lp.float().cpu()), length) * mask
+        with policy.reference_policy(unwrapped, reference) as ref_model:
+            ref = score_samples(ref_model, samples, score_groups, cfg, accelerator)
     traj_skills, analysis_stats = pending.result() if pending else ([None] * len(trajs), {})
     if cfg.critical_steps == "statistics" and analyzer is not None:
         rows = [(s.uid, s.traj_uid, s.step, s.observation, v.discounted_return)
@@ -456,10 +598,11 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
             step_ctx.append((i, None, step_text))
         if ep_text:
             episode_ctx.append((i, ep_text, None))
-    teacher_ep, routed_ep = teacher_logprobs(unwrapped, tokenizer, samples, episode_ctx, length, cfg.micro_batch_size,
-                                             cfg.temperature)
-    teacher_st, routed_st = teacher_logprobs(unwrapped, tokenizer, samples, step_ctx, length, cfg.micro_batch_size,
-                                             cfg.temperature)
+    with accelerator.autocast():
+        teacher_ep, routed_ep = teacher_logprobs(unwrapped, tokenizer, samples, episode_ctx, length, score_size,
+                                                 cfg.temperature, score_groups, cfg.logprob_chunk_size)
+        teacher_st, routed_st = teacher_logprobs(unwrapped, tokenizer, samples, step_ctx, length, score_size,
+                                                 cfg.temperature, score_groups, cfg.logprob_chunk_size)
     delta_clip = cfg.delta_clip or None
     delta_ep = opid.skill_delta(teacher_ep, old, mask * routed_ep[:, None], cfg.delta_normalize, delta_clip)
     delta_st = opid.skill_delta(teacher_st, old, mask * routed_st[:, None], cfg.delta_normalize, delta_clip)
@@ -489,12 +632,13 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
 
     # 7. PPO update.
     t_update = time.perf_counter()
-    update_stats = ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, distill_teacher,
-                              distill_rows, mask, cfg, random.Random(cfg.seed + iteration))
+    update_stats = ppo_update(model, optimizer, accelerator, samples, plan, advantages, old, ref, distill_teacher,
+                              distill_rows, mask, cfg)
     update_s = time.perf_counter() - t_update
 
-    record = {"samples": len(samples), **update_stats, "time/analysis_s": analysis_s,
-              "time/teacher_s": teacher_s, "time/update_s": update_s}
+    record = {"samples": len(samples), **{k: float(v) for k, v in update_stats.items()},
+              **generate_mismatch(old, generated, mask, cfg.clip_eps), "time/old_s": old_s,
+              "time/analysis_s": analysis_s, "time/teacher_s": teacher_s, "time/update_s": update_s}
     record.update(skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, routed_ep, routed_st,
                                 delta_ep, delta_st, mask, length))
     return record
@@ -516,13 +660,21 @@ def main(cfg: Config) -> Path:
             saved["iters"] = cfg.iters
         cfg = Config(**saved)
     cfg = resolve_defaults(cfg)
-    run_dir = resume_dir or Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    problem = policy.model_source_problem(cfg.model)
+    if problem:  # before anything is written or downloaded
+        raise SystemExit(f"--model {cfg.model}: {problem}")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg))
     rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise SystemExit(f"accelerate {accelerator.distributed_type}: train.py runs on one device or data-parallel "
+                         "(plain multi-GPU / multi-CPU); rollouts are not lock-step across processes, which "
+                         "sharded weights (FSDP, DeepSpeed) would need")
+    if cfg.tasks_per_batch < world:
+        raise SystemExit(f"--tasks-per-batch {cfg.tasks_per_batch} < {world} processes: every process needs a task group")
+    run_dir = resume_dir or Path(cfg.out_dir) / cfg.name
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
@@ -530,7 +682,7 @@ def main(cfg: Config) -> Path:
 
     checkpoint = run_dir / "checkpoint" if resume_dir else None
     model, tokenizer = load_model(cfg, accelerator.device, checkpoint / "model" if checkpoint else None)
-    reference = policy.make_reference(model) if cfg.kl_coef > 0 else None
+    reference = load_reference(cfg, model, accelerator.device, resumed=checkpoint is not None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = {"updates": 0, "env_steps": 0}
@@ -543,8 +695,9 @@ def main(cfg: Config) -> Path:
         state = json.loads((checkpoint / "state.json").read_text())
         log(f"resumed {run_dir} after {state['updates']} updates")
     metrics_path = run_dir / "metrics.jsonl"
-    records = load_metrics(metrics_path, state["updates"])
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if accelerator.is_main_process:  # the only writer of the run folder
+        records = load_metrics(metrics_path, state["updates"])
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     skill_bank: dict[int, str] = {int(k): v for k, v in state.get("skill_bank", {}).items()}
 
     unwrapped = accelerator.unwrap_model(model)
@@ -555,17 +708,30 @@ def main(cfg: Config) -> Path:
     num_eval_tasks = None
 
     def evaluate(tag: str) -> None:
+        """Every process plays its share of the episodes (no process waits in a collective while
+        another evaluates alone); the main process writes the combined summary."""
         nonlocal num_eval_tasks
-        if cfg.eval_episodes <= 0 or not accelerator.is_main_process:
+        if cfg.eval_episodes <= 0:
             return
         def make_eval_env():
             return make_env(cfg.env, split=cfg.eval_split, **env_kwargs(cfg))
         if num_eval_tasks is None:
             num_eval_tasks = make_eval_env().num_tasks()
-        summary, _ = rollout.evaluate_policy(
-            unwrapped, tokenizer, make_eval_env, num_eval_tasks,
-            episodes=cfg.eval_episodes, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
-            greedy=cfg.eval_greedy, seed=cfg.seed)
+        with accelerator.autocast():
+            if world == 1:
+                summary, _ = rollout.evaluate_policy(
+                    unwrapped, tokenizer, make_eval_env, num_eval_tasks,
+                    episodes=cfg.eval_episodes, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
+                    greedy=cfg.eval_greedy, seed=cfg.seed)
+            else:
+                mine = [k % num_eval_tasks for k in range(rank, cfg.eval_episodes, world)]
+                trajs, _ = rollout.collect_rollouts(
+                    unwrapped, tokenizer, [make_eval_env() for _ in mine], mine, list(range(len(mine))),
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature, greedy=cfg.eval_greedy,
+                    seed=cfg.seed * 1_000_003 + rank) if mine else ([], {})
+                summary = rollout.summarize(gather_object(without_token_data(trajs)))
+        if not accelerator.is_main_process:
+            return
         append_metrics(metrics_path, {"kind": "eval", "updates": state["updates"], "env_steps": state["env_steps"],
                                       "split": cfg.eval_split, **{f"eval/{k}": v for k, v in summary.items()}})
         log(f"[eval {tag}, {cfg.eval_split} split] updates={state['updates']} success={summary['success_rate']:.3f} "
@@ -587,21 +753,29 @@ def main(cfg: Config) -> Path:
         hook = None
         if cfg.algo == "skill_grpo":  # Skill-GRPO: the student itself sees last iteration's skill for its task
             hook = lambda i, text: skills.inject_skills(text, skill_bank.get(task_indices[i]), None)
-        trajs, rstats = rollout.collect_rollouts(
-            unwrapped, tokenizer, envs[:len(task_indices)], task_indices, uids, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, prompt_hook=hook)
+        with accelerator.autocast():
+            trajs, rstats = rollout.collect_rollouts(
+                unwrapped, tokenizer, envs[:len(task_indices)], task_indices, uids, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, top_p=cfg.top_p, prompt_hook=hook)
 
         record = learn_from_batch(cfg, trajs, model, unwrapped, reference, tokenizer, optimizer, accelerator,
                                   analyzer, iteration, skill_bank)
-        state["updates"] = iteration + 1
-        state["env_steps"] += rstats["env_steps"]
 
-        # 8. Metrics, checkpoint.
+        # 8. Metrics (gathered from every process, written once), checkpoint.
+        shares = [(trajs, record, rstats)] if world == 1 else gather_object([(without_token_data(trajs), record, rstats)])
+        state["updates"] = iteration + 1
+        state["env_steps"] += sum(r["env_steps"] for _, _, r in shares)
         record = {"kind": "train", "updates": state["updates"], "env_steps": state["env_steps"],
-                  **rollout.summarize(trajs), "tokens_generated": rstats["generated_tokens"], **record,
-                  "time/rollout_s": rstats["rollout_s"], "time/iteration_s": time.perf_counter() - t_iter}
+                  **rollout.summarize([t for share, _, _ in shares for t in share]),
+                  "tokens_generated": sum(r["generated_tokens"] for _, _, r in shares),
+                  **merge_records([rec for _, rec, _ in shares]),
+                  "time/rollout_s": max(r["rollout_s"] for _, _, r in shares),
+                  "time/iteration_s": time.perf_counter() - t_iter}
+        if world > 1:
+            record["processes"] = world
         record.pop("per_task_type", None)
-        append_metrics(metrics_path, record)
+        if accelerator.is_main_process:
+            append_metrics(metrics_path, record)
         bar.set_postfix(success=f"{record['success_rate']:.2f}", kl=f"{record['kl']:.4f}")
         log(f"[iter {state['updates']}/{cfg.iters}] success={record['success_rate']:.3f} "
             f"return={record['mean_return']:.2f} invalid={record['invalid_rate']:.3f} "
@@ -619,6 +793,34 @@ def main(cfg: Config) -> Path:
         evaluate("end")
     log(f"done: {run_dir}")
     return run_dir
+
+
+def without_token_data(trajs: list[rollout.Trajectory]) -> list[rollout.Trajectory]:
+    """Copies that keep what `rollout.summarize` reads (outcomes, validity), not the token ids
+    and texts: what the processes send to the main process for the metrics."""
+    return [dataclasses.replace(t, samples=[dataclasses.replace(s, prompt_text="", prompt_ids=[], response_ids=[],
+                                                                old_logprobs=[], response_text="", observation="",
+                                                                privileged="") for s in t.samples])
+            for t in trajs]
+
+
+def merge_records(records: list[dict]) -> dict:
+    """One metrics record from every process's `learn_from_batch` record: counts add up, times
+    take the slowest process, every other number is averaged weighted by the process's samples
+    (the update statistics are identical on every process already)."""
+    if len(records) == 1:
+        return records[0]
+    weights = [r["samples"] for r in records]
+    merged = {}
+    for key in records[0]:
+        values = [r.get(key, 0.0) for r in records]
+        if key == "samples":
+            merged[key] = sum(values)
+        elif key.startswith("time/"):
+            merged[key] = max(values)
+        else:
+            merged[key] = sum(w * v for w, v in zip(weights, values)) / max(sum(weights), 1)
+    return merged
 
 
 def skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, routed_ep, routed_st,

@@ -263,8 +263,9 @@ def test_ppo_update_raises_positive_and_lowers_negative_advantage_responses(tiny
     before = [sequence_logprob(i) for i in range(2)]
     cfg = train.Config(mini_batch_size=6, micro_batch_size=3, kl_coef=0.0, entropy_coef=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    stats = train.ppo_update(model, optimizer, Accelerator(cpu=True), samples, advantages, old, None, None, None,
-                             mask, cfg, random.Random(0))
+    accelerator = Accelerator(cpu=True)
+    plan = train.update_plan(samples, cfg, accelerator, random.Random(0))
+    stats = train.ppo_update(model, optimizer, accelerator, samples, plan, advantages, old, None, None, None, mask, cfg)
     after = [sequence_logprob(i) for i in range(2)]
     assert stats["grad_norm"] > 0
     assert after[0] > before[0] + 1e-3, (before, after)
@@ -285,8 +286,10 @@ def test_first_ppo_ratio_is_one_at_the_rollout_temperature(tiny, temperature):
     advantages = torch.tensor([[1.0], [-0.5], [2.0], [-1.5]]) * mask
     cfg = train.Config(temperature=temperature, mini_batch_size=4, micro_batch_size=2, kl_coef=0.0, entropy_coef=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    stats = train.ppo_update(model, optimizer, Accelerator(cpu=True), samples, advantages, old, old.clone(), None,
-                             None, mask, cfg, random.Random(0))
+    accelerator = Accelerator(cpu=True)
+    plan = train.update_plan(samples, cfg, accelerator, random.Random(0))
+    stats = train.ppo_update(model, optimizer, accelerator, samples, plan, advantages, old, old.clone(), None, None,
+                             mask, cfg)
     model.eval()
     assert stats["clipfrac"] == 0
     assert stats["pg_loss"] == pytest.approx(-(advantages.sum() / mask.sum()).item(), abs=1e-5)
