@@ -575,7 +575,7 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
         chosen = skills.statistical_critical_steps(rows, cfg.max_step_skills)
         traj_skills = [skills.restrict_to_selected_steps(sk, chosen.get(t.traj_uid, [])) if sk else None
                        for t, sk in zip(trajs, traj_skills)]
-    analysis_s = time.perf_counter() - t_analysis
+    analysis_s = time.perf_counter() - t_analysis - old_s  # the reference pass and the analyzer's wait
     if cfg.algo == "skill_grpo":
         for t, sk in sorted(zip(trajs, traj_skills), key=lambda p: p[0].won):  # a won trajectory's skill wins
             if sk is not None:
