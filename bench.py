@@ -4,6 +4,7 @@
     python bench.py generate --model tiny --batch 8 --new-tokens 64 --repeats 3
     python bench.py opid-cost --iters 2 --tasks-per-batch 2 --group-size 4 --max-steps 15
     python bench.py gpu --out results/gpu            # scripts/gpu_check.sh: one GPU, random Qwen2.5-1.5B shapes
+    python bench.py memory                           # estimated GPU memory at the recipes' shapes
 
 `generate`: rollout-engine throughput (`policy.generate`, which also records log π_old per token)
 against a bare `model.generate` on the same prompts, and the update's forward+backward tokens/s.
@@ -564,6 +565,73 @@ def print_gpu(r: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# memory: an ESTIMATE of GPU memory per process at the README recipes' shapes (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+QWEN_SHAPES = {  # Qwen2.5-*-Instruct config.json values
+    "1.5B": dict(hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2, vocab=151936, tied=True),
+    "3B": dict(hidden=2048, intermediate=11008, layers=36, heads=16, kv_heads=2, vocab=151936, tied=True),
+    "7B": dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152064, tied=False),
+}
+RECIPE_SHAPES = {"alfworld": dict(micro_batch=4, prompt=2048, response=512),   # OPID_SPEC §9 maxima
+                 "search": dict(micro_batch=8, prompt=4096, response=512)}
+GIB = 2**30
+
+
+def qwen_parameters(m: dict) -> int:
+    head = m["hidden"] // m["heads"]
+    attention = m["hidden"] * head * (m["heads"] * 2 + m["kv_heads"] * 2) + head * (m["heads"] + 2 * m["kv_heads"])
+    mlp = 3 * m["hidden"] * m["intermediate"]
+    per_layer = attention + mlp + 2 * m["hidden"]
+    return m["layers"] * per_layer + m["vocab"] * m["hidden"] * (1 if m["tied"] else 2) + m["hidden"]
+
+
+def memory_estimate(size: str, env: str, lora_rank: int = 0, checkpointing: bool = True,
+                    chunk_tokens: int = 1024) -> dict:
+    """GiB per process, by part. Full fine-tuning: fp32 weights, fp32 gradients, AdamW's two fp32
+    moments, the frozen fp32 reference (20 bytes per parameter). LoRA (q,k,v,o): the bf16 base; the
+    adapters' weights, gradients and moments are small. Activations of one micro-batch in bf16:
+    per token and layer ≈ 14·hidden + 10·intermediate bytes (attention by SDPA, no [L×L] scores);
+    with checkpointing only each layer's 2·hidden-byte input is kept, plus one layer being
+    recomputed. Logits: bf16 [micro-batch, response+1, vocab] and their gradient; fp32 softmax
+    work on at most `chunk_tokens` tokens at a time (≈ 4 tensors alive)."""
+    m, r = QWEN_SHAPES[size], RECIPE_SHAPES[env]
+    params = qwen_parameters(m)
+    tokens = r["micro_batch"] * (r["prompt"] + r["response"])
+    if lora_rank:
+        head = m["hidden"] // m["heads"]
+        adapter = m["layers"] * lora_rank * (2 * m["hidden"] + m["hidden"] + m["heads"] * head
+                                             + 2 * (m["hidden"] + m["kv_heads"] * head))
+        weights, optimizer = 2 * params + 4 * adapter, 12 * adapter
+    else:
+        weights, optimizer = 4 * params + 4 * params, 8 * params  # trained + reference; gradients below
+    gradients = 0 if lora_rank else 4 * params
+    per_layer = (14 * m["hidden"] + 10 * m["intermediate"]) * tokens
+    activations = (m["layers"] * 2 * m["hidden"] * tokens + 2 * per_layer) if checkpointing else m["layers"] * per_layer
+    logits = 2 * 2 * r["micro_batch"] * (r["response"] + 1) * m["vocab"] + 4 * 4 * chunk_tokens * m["vocab"]
+    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
+             "logits": logits}
+    out = {k: v / GIB for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    out["parameters_b"] = params / 1e9
+    return out
+
+
+def print_memory() -> None:
+    print("ESTIMATES (not measurements), GiB per process, README recipe shapes "
+          "(ALFWorld micro-batch 4 x 2048+512 tokens, search 8 x 4096+512), bf16 compute:")
+    print(f"{'model':6s} {'env':9s} {'mode':22s} {'weights':>8s} {'grads':>6s} {'optim':>6s} {'activ.':>7s} "
+          f"{'logits':>7s} {'total':>7s}")
+    for size in QWEN_SHAPES:
+        for env in RECIPE_SHAPES:
+            for label, kwargs in (("full, checkpointing", {}), ("LoRA 64, checkpointing", {"lora_rank": 64}),
+                                  ("full, no checkpointing", {"checkpointing": False})):
+                e = memory_estimate(size, env, **kwargs)
+                print(f"{size:6s} {env:9s} {label:22s} {e['weights']:8.1f} {e['gradients']:6.1f} {e['optimizer']:6.1f} "
+                      f"{e['activations']:7.1f} {e['logits']:7.1f} {e['total']:7.1f}")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> None:
@@ -591,6 +659,7 @@ def main(argv=None) -> None:
     p_gpu.add_argument("--toy", action="store_true", help="toy shapes and sizes (seconds on a CPU; checks the plumbing)")
     p_gpu.add_argument("--envs", default="search,alfworld")
     p_gpu.add_argument("--modes", default="lora,full")
+    sub.add_parser("memory", help="ESTIMATED GPU memory per process for Qwen2.5 1.5B/3B/7B at the recipes' shapes")
     for p in (p_gen, p_cost):
         p.add_argument("--seed", type=int, default=0)
     for p in (p_env, p_gen, p_cost):
@@ -610,6 +679,8 @@ def main(argv=None) -> None:
         print_opid_cost(bench_opid_cost(args.iters, args.tasks_per_batch, args.group_size, args.max_steps or None,
                                         args.seed, args.alfworld_games))
         print(machine_note())
+    elif args.command == "memory":
+        print_memory()
     elif args.command == "gpu":
         bench_gpu(args.out, args.toy, tuple(args.envs.split(",")), tuple(args.modes.split(",")))
 

@@ -50,3 +50,19 @@ def test_gpu_check_at_toy_shapes_writes_one_json_per_environment_and_mode(small_
             total = r["model_shapes"]["parameters"]
             assert (r["trainable_parameters"] == total) == (mode == "full")
             assert r["record"]["routing/share_step"] + r["record"]["routing/share_episode"] > 0  # teacher passes ran
+
+
+def test_memory_estimate_counts_qwen_parameters_and_bytes(capsys):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(**json.loads(bench.QWEN_CONFIG.read_text()))
+    with torch.device("meta"):
+        real = sum(p.numel() for p in Qwen2ForCausalLM(config).parameters())
+    assert bench.qwen_parameters(bench.QWEN_SHAPES["1.5B"]) == real == 1_543_714_304
+    full = bench.memory_estimate("1.5B", "alfworld")
+    # fp32 weights + fp32 reference (8 B), fp32 gradients (4 B), AdamW moments (8 B) per parameter
+    assert (full["weights"] + full["gradients"] + full["optimizer"]) * 2**30 == 20 * real
+    unchecked = bench.memory_estimate("1.5B", "alfworld", checkpointing=False)
+    assert unchecked["activations"] > 5 * full["activations"]
+    bench.main(["memory"])
+    assert "ESTIMATES" in capsys.readouterr().out
