@@ -806,19 +806,22 @@ def without_token_data(trajs: list[rollout.Trajectory]) -> list[rollout.Trajecto
 
 def merge_records(records: list[dict]) -> dict:
     """One metrics record from every process's `learn_from_batch` record: counts add up, times
-    take the slowest process, every other number is averaged weighted by the process's samples
-    (the update statistics are identical on every process already)."""
+    take the slowest process, every other number is averaged over the processes that report it,
+    weighted by their samples (the update statistics are identical on every process already)."""
     if len(records) == 1:
         return records[0]
-    weights = [r["samples"] for r in records]
     merged = {}
-    for key in records[0]:
-        values = [r.get(key, 0.0) for r in records]
-        if key == "samples":
+    for key in dict.fromkeys(k for r in records for k in r):
+        having = [r for r in records if key in r]
+        values = [r[key] for r in having]
+        if not all(isinstance(v, (int, float)) for v in values):
+            merged[key] = values[0]
+        elif key == "samples":
             merged[key] = sum(values)
         elif key.startswith("time/"):
             merged[key] = max(values)
         else:
+            weights = [r["samples"] for r in having]
             merged[key] = sum(w * v for w, v in zip(weights, values)) / max(sum(weights), 1)
     return merged
 

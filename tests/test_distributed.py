@@ -85,3 +85,19 @@ def test_two_processes_with_uneven_shares_stay_in_step_and_match_one_process(mod
     for g2, g1 in zip(parallel, single):
         torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-4)  # fp32; only the summation order differs
     assert sum(float(g.abs().sum()) for g in single) > 0
+
+
+def test_micro_batches_are_length_sorted_and_deterministic():
+    import train
+    lengths = [5, 3, 5, 1, 9]
+    assert train.micro_batches([0, 1, 2, 3], lengths, 2) == [[3, 1], [0, 2]]  # ties by index
+    assert train.micro_batches([4, 2, 0], lengths, 2) == [[0, 2], [4]]
+
+
+def test_merge_records_adds_counts_takes_slowest_time_and_weights_by_samples():
+    import train
+    merged = train.merge_records([{"samples": 2, "clipfrac": 0.5, "time/update_s": 3.0, "delta/mean": 1.0},
+                                  {"samples": 6, "clipfrac": 0.1, "time/update_s": 5.0}])
+    assert merged["samples"] == 8 and merged["time/update_s"] == 5.0
+    assert merged["clipfrac"] == pytest.approx((2 * 0.5 + 6 * 0.1) / 8)  # 0.2
+    assert merged["delta/mean"] == 1.0  # only the process that had skills reports Δ
