@@ -474,7 +474,8 @@ def bench_gpu_run(env_name: str, mode: str, folder: Path, shapes: dict, toy: boo
     envs = [make_env(cfg.env, split="train", **train.env_kwargs(cfg)) for _ in range(cfg.tasks_per_batch * cfg.group_size)]
     task_indices = [g for g in range(cfg.tasks_per_batch) for _ in range(cfg.group_size)]
     eos = policy.eos_token_ids(unwrapped, tokenizer)
-    with eos_suppressed(policy._unwrap(unwrapped), eos, from_id=len(tokenizer)), accelerator.autocast():
+    with eos_suppressed(policy._unwrap(unwrapped), eos, from_id=len(tokenizer)), \
+            train.compute_autocast(cfg, accelerator.device):
         trajs, rstats = rollout.collect_rollouts(unwrapped, tokenizer, envs, task_indices, task_indices,
                                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     analyzer = train.build_analyzer(cfg, unwrapped, tokenizer)
@@ -491,7 +492,7 @@ def bench_gpu_run(env_name: str, mode: str, folder: Path, shapes: dict, toy: boo
         "model": f"random init, {'toy shapes' if toy else 'Qwen2.5-1.5B-Instruct shapes'} ({QWEN_CONFIG.name})",
         "model_shapes": shapes, "trainable_parameters": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
         "trainable_dtype": str(next(p for p in unwrapped.parameters() if p.requires_grad).dtype),
-        "mixed_precision": accelerator.mixed_precision, "gradient_checkpointing": True,
+        "mixed_precision": train.mixed_precision(cfg), "gradient_checkpointing": True,
         "settings": {k: getattr(cfg, k) for k in ("tasks_per_batch", "group_size", "max_steps", "history_length",
                                                    "max_new_tokens", "micro_batch_size", "mini_batch_size", "lora_rank",
                                                    "lr", "kl_coef", "entropy_coef", "logprob_chunk_size")},
@@ -535,8 +536,7 @@ def bench_gpu(out_dir: str, toy: bool = False, envs: tuple = ("search", "alfworl
     tokenizer = policy.train_tiny_tokenizer(texts + ["<think>", "</think>", "<action>", "</action>", "<search>",
                                                      "</search>", "<answer>", "</answer>"], 1024 if toy else 8192)
     url = start_retrieval_server()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=train.mixed_precision(train.Config()))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         shapes = random_qwen_folder(Path(tmp) / "model", tokenizer, toy)

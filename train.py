@@ -204,6 +204,15 @@ def mixed_precision(cfg: Config) -> str:
     return cfg.mixed_precision
 
 
+def compute_autocast(cfg: Config, device: torch.device):
+    """The context of every forward pass (rollout, old, reference, teacher, update): bf16 autocast
+    when --mixed-precision resolves to bf16, else nothing. Done here rather than by accelerate's
+    mixed precision, which would widen every output to fp32 — a whole fp32 [tokens × vocabulary]
+    logits tensor per micro-batch; bf16 logits are widened slice by slice instead
+    (`policy.forward_response_logprobs`)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision(cfg) == "bf16")
+
+
 def model_name_or_folder(cfg: Config) -> str:
     """--model as `policy.load_policy` takes it ("tiny" is the warm-started agent of this environment)."""
     if cfg.model == "tiny":
@@ -217,7 +226,7 @@ def load_model(cfg: Config, device: torch.device, checkpoint: Path | None = None
 
     Full fine-tuning loads every weight in fp32: AdamW then updates fp32 master weights (at lr
     1e-6 most updates are below bf16's resolution — bf16 weights would barely move), while the
-    forward passes compute in bf16 through accelerate's autocast (--mixed-precision). LoRA keeps
+    forward passes compute in bf16 under `compute_autocast` (--mixed-precision). LoRA keeps
     the frozen base in the compute dtype and its adapters in fp32 (peft's default).
     """
     lora = cfg.lora_rank > 0 or (checkpoint is not None and (checkpoint / "adapter_config.json").exists())
@@ -421,9 +430,10 @@ def ppo_update(model, optimizer, accelerator, samples, plan: list[dict], advanta
                     prompts, responses = [samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx]
                 else:  # padding: this rank has no samples left in this step
                     prompts, responses = [[0]], [[0]]
-                logp, _, entropy = policy.response_logprobs(
-                    model, prompts, responses, temperature=cfg.temperature, with_entropy=True, requires_grad=True,
-                    groups=[list(range(len(prompts)))], chunk_tokens=cfg.logprob_chunk_size)
+                with compute_autocast(cfg, accelerator.device):
+                    logp, _, entropy = policy.response_logprobs(
+                        model, prompts, responses, temperature=cfg.temperature, with_entropy=True, requires_grad=True,
+                        groups=[list(range(len(prompts)))], chunk_tokens=cfg.logprob_chunk_size)
                 if totals is None:
                     totals = {k: torch.zeros((), device=logp.device) for k in names}
                 if not idx:
@@ -512,7 +522,7 @@ def score_samples(model, samples: list[rollout.Sample], groups: list[list[int]],
                   accelerator) -> torch.Tensor:
     """No-grad log-probs [S, longest response] (CPU, fp32; 0 on padding) of each sample's own
     response under its own prompt, in `groups` micro-batches, in the run's compute precision."""
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), compute_autocast(cfg, accelerator.device):
         logprobs, _, _ = policy.response_logprobs(model, [s.prompt_ids for s in samples],
                                                   [s.response_ids for s in samples], temperature=cfg.temperature,
                                                   groups=groups, chunk_tokens=cfg.logprob_chunk_size)
@@ -598,7 +608,7 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
             step_ctx.append((i, None, step_text))
         if ep_text:
             episode_ctx.append((i, ep_text, None))
-    with accelerator.autocast():
+    with compute_autocast(cfg, accelerator.device):
         teacher_ep, routed_ep = teacher_logprobs(unwrapped, tokenizer, samples, episode_ctx, length, score_size,
                                                  cfg.temperature, score_groups, cfg.logprob_chunk_size)
         teacher_st, routed_st = teacher_logprobs(unwrapped, tokenizer, samples, step_ctx, length, score_size,
@@ -663,7 +673,8 @@ def main(cfg: Config) -> Path:
     problem = policy.model_source_problem(cfg.model)
     if problem:  # before anything is written or downloaded
         raise SystemExit(f"--model {cfg.model}: {problem}")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg))
+    mixed_precision(cfg)  # a bad --mixed-precision stops here, before the run folder
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # precision: compute_autocast
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         raise SystemExit(f"accelerate {accelerator.distributed_type}: train.py runs on one device or data-parallel "
@@ -717,7 +728,7 @@ def main(cfg: Config) -> Path:
             return make_env(cfg.env, split=cfg.eval_split, **env_kwargs(cfg))
         if num_eval_tasks is None:
             num_eval_tasks = make_eval_env().num_tasks()
-        with accelerator.autocast():
+        with compute_autocast(cfg, accelerator.device):
             if world == 1:
                 summary, _ = rollout.evaluate_policy(
                     unwrapped, tokenizer, make_eval_env, num_eval_tasks,
@@ -753,7 +764,7 @@ def main(cfg: Config) -> Path:
         hook = None
         if cfg.algo == "skill_grpo":  # Skill-GRPO: the student itself sees last iteration's skill for its task
             hook = lambda i, text: skills.inject_skills(text, skill_bank.get(task_indices[i]), None)
-        with accelerator.autocast():
+        with compute_autocast(cfg, accelerator.device):
             trajs, rstats = rollout.collect_rollouts(
                 unwrapped, tokenizer, envs[:len(task_indices)], task_indices, uids, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, top_p=cfg.top_p, prompt_hook=hook)

@@ -24,16 +24,6 @@ PROMPT = ("You are an agent in a small test world.\n"
           "Reply with one action inside <action> </action> tags.")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """accelerate keeps one global state per process (its precision included): reset it around
-    each test, so a bf16 test leaves no bf16 behind for the next one."""
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = [PROMPT, "<action>take mug 1 from countertop 1</action>", "go to cabinet 1 open fridge 1"] * 3
@@ -46,13 +36,13 @@ def model_folder(tokenizer, tmp_path_factory):
     return policy.save_policy(model, tokenizer, tmp_path_factory.mktemp("model") / "tiny-random")
 
 
-def make_samples(model, tokenizer, n: int, accelerator=None) -> list[rollout.Sample]:
-    """n samples of different prompt lengths, generated (under the accelerator's autocast) and kept as ids."""
+def make_samples(model, tokenizer, n: int, cfg=None) -> list[rollout.Sample]:
+    """n samples of different prompt lengths, generated (in cfg's compute precision) and kept as ids."""
     samples = []
     for i in range(n):
         text = PROMPT + "\nYou have taken %d step(s) so far." % i + " Look around." * (i % 3)
         ids = policy.chat_prompt_ids(tokenizer, text)
-        with accelerator.autocast() if accelerator else torch.autocast("cpu", enabled=False):
+        with train.compute_autocast(cfg or train.Config(), torch.device("cpu")):
             gen = policy.generate(model, tokenizer, [ids], max_new_tokens=6, seed=i)[0]
         samples.append(rollout.Sample(uid=i // 2, traj_uid=i, step=0, prompt_text=text, prompt_ids=ids,
                                       response_ids=gen.response_ids, old_logprobs=gen.logprobs, response_text=gen.text,
@@ -121,7 +111,7 @@ def test_full_fine_tuning_keeps_fp32_master_weights_and_moves_them_at_lr_1e6(mod
         before = [p.detach().clone() for p in model.parameters()]
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
         prepared, optimizer = accelerator.prepare(model, optimizer)
-        samples = make_samples(accelerator.unwrap_model(prepared), tokenizer, 8, accelerator)
+        samples = make_samples(accelerator.unwrap_model(prepared), tokenizer, 8, cfg)
         length = max(len(s.response_ids) for s in samples)
         mask = train.padded([[1.0] * len(s.response_ids) for s in samples], length)
         plan = train.update_plan(samples, cfg, accelerator, random.Random(0))
@@ -131,7 +121,7 @@ def test_full_fine_tuning_keeps_fp32_master_weights_and_moves_them_at_lr_1e6(mod
         moved = sum(int((p.detach() != b).sum()) for p, b in zip(model.parameters(), before))
         return moved / sum(b.numel() for b in before)
 
-    accelerator = Accelerator(cpu=True, mixed_precision=train.mixed_precision(cfg))
+    accelerator = Accelerator(cpu=True)
     model, _ = train.load_model(cfg, accelerator.device)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     fp32_share = share_moved(model, accelerator)
@@ -147,12 +137,12 @@ def test_bf16_first_ratio_is_exactly_one_and_an_empty_skill_gives_zero_delta(mod
     so the first PPO ratio is exactly 1 and a skill that changes nothing gives Δ = 0 exactly."""
     cfg = train.Config(model=str(model_folder), mixed_precision="bf16", mini_batch_size=6, micro_batch_size=3,
                        kl_coef=0.0, entropy_coef=0.0, gradient_checkpointing=True)
-    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    accelerator = Accelerator(cpu=True)
     model, _ = train.load_model(cfg, accelerator.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    samples = make_samples(unwrapped, tokenizer, 6, accelerator)
+    samples = make_samples(unwrapped, tokenizer, 6, cfg)
     length = max(len(s.response_ids) for s in samples)
     mask = train.padded([[1.0] * len(s.response_ids) for s in samples], length)
     generated = train.padded([s.old_logprobs for s in samples], length)
@@ -160,7 +150,7 @@ def test_bf16_first_ratio_is_exactly_one_and_an_empty_skill_gives_zero_delta(mod
     groups = [g for step in plan for g in step["micro_batches"]]
     old = train.score_samples(unwrapped, samples, groups, cfg, accelerator)
 
-    with accelerator.autocast():
+    with train.compute_autocast(cfg, accelerator.device):
         teacher, routed = train.teacher_logprobs(unwrapped, tokenizer, samples, [(i, None, None) for i in range(6)],
                                                  length, 3, cfg.temperature, groups)
     assert routed.all()
