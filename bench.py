@@ -355,7 +355,8 @@ def print_opid_cost(r: dict) -> None:
     med = {v: {k: median(x) for k, x in res.items()} for v, res in r["results"].items()}
     for v in VARIANTS:
         m, p = med[v], r["passes"][v]
-        print(f"{v[0] + ' ' + (v[1] if v[0] == 'opid' else ''):22s} {m['old']:6.3f} {m['analysis']:12.3f} {m['teacher']:8.3f} "
+        print(f"{v[0] + ' ' + (v[1] if v[0] == 'opid' else ''):22s} {m['old']:6.3f} {m['analysis']:12.3f} "
+              f"{m['teacher']:8.3f} "
               f"{m['update']:8.3f} {m['learn']:8.3f} {m['learn'] + rs['rollout_s']:9.3f} {p['passes']:7d} "
               f"{p['routed_samples']:7d} {p['prompt_tokens'] + p['response_tokens']:>13d} ({p['response_tokens']})"
               f"   learn per repeat: " + " ".join(f"{t:.2f}" for t in r["results"][v]["learn"]))
@@ -395,8 +396,9 @@ class WordOverlapRetriever:
 
     def __init__(self, corpus_path):
         import searchqa
+        rows = searchqa.read_jsonl(corpus_path)
         self.passages = [{"id": str(row.get("id", i)), "title": str(row.get("title", "")),
-                          "contents": str(row.get("contents", ""))} for i, row in enumerate(searchqa.read_jsonl(corpus_path))]
+                          "contents": str(row.get("contents", ""))} for i, row in enumerate(rows)]
         self.words = [set(re.findall(r"\w+", f"{p['title']} {p['contents']}".lower())) for p in self.passages]
 
     def search(self, query: str, k: int = 3) -> list[dict]:
@@ -500,7 +502,8 @@ def bench_gpu_run(env_name: str, mode: str, folder: Path, shapes: dict, toy: boo
         "prompt_tokens_mean": sum(len(s.prompt_ids) for s in samples) / len(samples),
         "prompt_tokens_max": max(len(s.prompt_ids) for s in samples),
         "seconds": {"load": load_s, "rollout": rstats["rollout_s"], "generate": rstats["generate_s"],
-                    "env": rstats["env_s"], "old": record["time/old_s"], "reference_and_analysis": record["time/analysis_s"],
+                    "env": rstats["env_s"], "old": record["time/old_s"],
+                    "reference_and_analysis": record["time/analysis_s"],
                     "teacher": record["time/teacher_s"], "update": record["time/update_s"]},
         "rollout_tokens_per_s": rstats["generated_tokens"] / max(rstats["generate_s"], 1e-9),
         "update_tokens_per_s": tokens / max(record["time/update_s"], 1e-9),
@@ -518,7 +521,8 @@ def bench_gpu_run(env_name: str, mode: str, folder: Path, shapes: dict, toy: boo
     return result
 
 
-def bench_gpu(out_dir: str, toy: bool = False, envs: tuple = ("search", "alfworld"), modes: tuple = ("lora", "full")) -> list[dict]:
+def bench_gpu(out_dir: str, toy: bool = False, envs: tuple = ("search", "alfworld"),
+              modes: tuple = ("lora", "full")) -> list[dict]:
     """Every (environment, LoRA/full fine-tuning) pair once; one JSON file per pair in `out_dir`."""
     import importlib.util
     import tempfile
@@ -543,7 +547,8 @@ def bench_gpu(out_dir: str, toy: bool = False, envs: tuple = ("search", "alfworl
         for env_name in envs:
             for mode in modes:
                 if env_name not in runnable:
-                    result = {"env": env_name, "mode": mode, "skipped": "alfworld is not installed (see scripts/gpu_check.sh)"}
+                    result = {"env": env_name, "mode": mode,
+                              "skipped": "alfworld is not installed (see scripts/gpu_check.sh)"}
                 else:
                     result = bench_gpu_run(env_name, mode, Path(tmp) / "model", shapes, toy, url, accelerator)
                 (out / f"{env_name}-{mode}.json").write_text(json.dumps(result, indent=1, default=str))

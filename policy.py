@@ -477,11 +477,11 @@ def forward_response_logprobs(model, batch: dict, temperature: float = 1.0,
     the full next-token distribution at each response position. Only the response columns'
     logits are computed (`logits_to_keep`), in the model's compute dtype (bf16 under autocast).
 
-    Memory bound: the fp32 softmax work runs over slices of at most `chunk_tokens` tokens
-    (B rows × ⌊chunk_tokens / B⌋ columns), so no fp32 [tokens × vocabulary] tensor holds more
-    than `chunk_tokens` rows; with gradients each slice is recomputed in the backward pass
-    (activation checkpointing) instead of being kept, so at most one slice's few fp32 tensors
-    are alive at any time. The result does not depend on `chunk_tokens` (tested).
+    Memory bound: the fp32 softmax work runs over slices of B rows × max(1, ⌊chunk_tokens / B⌋)
+    columns, so no fp32 [tokens × vocabulary] tensor holds more than max(chunk_tokens, B) tokens
+    (1024 × Qwen's 151,936 vocabulary × 4 B = 0.62 GB); with gradients each slice is recomputed
+    in the backward pass (activation checkpointing) instead of being kept, so at most one slice's
+    few fp32 tensors are alive at any time. The result does not depend on `chunk_tokens` (tested).
     """
     device = model_device(model)
     output = model(input_ids=batch["input_ids"].to(device),

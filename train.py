@@ -4,6 +4,8 @@
     python train.py --algo grpo                      # the outcome-only baseline
     python train.py --model smollm2 --iters 1        # one iteration with a real (135M) instruct model
     python train.py --resume runs/<name>             # continue a run from its last checkpoint
+    accelerate launch --config_file configs/accelerate_multi_gpu.yaml train.py --model <hub id> ...
+                                                     # data-parallel on the GPUs of one machine
     python train.py --help                           # every knob, one line each
 
 One iteration reads in the order of the paper's figure (OPID_SPEC §2–§8):
