@@ -114,7 +114,8 @@ class Config:
     kl_coef: float | None = arg(None, "β of the k3 KL to the reference policy (0.01 / 0.01 / 0.001; 0 skips the pass)")
     entropy_coef: float | None = arg(None, "entropy bonus c_ent (0.001 / 0.001 / 0)")
     ppo_epochs: int = arg(1, "passes over the batch per iteration")
-    mini_batch_size: int = arg(256, "step-samples per optimizer step")
+    mini_batch_size: int = arg(256, "step-samples per optimizer step, at most: the batch is cut into "
+                                    "⌈samples / mini_batch_size⌉ equal parts")
     micro_batch_size: int = arg(16, "step-samples per forward/backward (gradient accumulation)")
     score_micro_batch_size: int | None = arg(None, "step-samples per no-grad forward (old, reference, teacher "
                                                    "passes; default micro_batch_size: then the old and update "
