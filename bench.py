@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import policy
+import ppo
 from envs import cache_dir, make_env
 
 
@@ -477,7 +478,7 @@ def bench_gpu_run(env_name: str, mode: str, folder: Path, shapes: dict, toy: boo
     task_indices = [g for g in range(cfg.tasks_per_batch) for _ in range(cfg.group_size)]
     eos = policy.eos_token_ids(unwrapped, tokenizer)
     with eos_suppressed(policy._unwrap(unwrapped), eos, from_id=len(tokenizer)), \
-            train.compute_autocast(cfg, accelerator.device):
+            ppo.compute_autocast(cfg, accelerator.device):
         trajs, rstats = rollout.collect_rollouts(unwrapped, tokenizer, envs, task_indices, task_indices,
                                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     analyzer = train.build_analyzer(cfg, unwrapped, tokenizer)
@@ -494,7 +495,7 @@ def bench_gpu_run(env_name: str, mode: str, folder: Path, shapes: dict, toy: boo
         "model": f"random init, {'toy shapes' if toy else 'Qwen2.5-1.5B-Instruct shapes'} ({QWEN_CONFIG.name})",
         "model_shapes": shapes, "trainable_parameters": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
         "trainable_dtype": str(next(p for p in unwrapped.parameters() if p.requires_grad).dtype),
-        "mixed_precision": train.mixed_precision(cfg), "gradient_checkpointing": True,
+        "mixed_precision": ppo.mixed_precision(cfg), "gradient_checkpointing": True,
         "settings": {k: getattr(cfg, k) for k in ("tasks_per_batch", "group_size", "max_steps", "history_length",
                                                    "max_new_tokens", "micro_batch_size", "mini_batch_size", "lora_rank",
                                                    "lr", "kl_coef", "entropy_coef", "logprob_chunk_size")},
@@ -527,7 +528,6 @@ def bench_gpu(out_dir: str, toy: bool = False, envs: tuple = ("search", "alfworl
     import importlib.util
     import tempfile
     from accelerate import Accelerator
-    import train
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runnable = [e for e in envs if e != "alfworld" or importlib.util.find_spec("alfworld")]

@@ -15,10 +15,8 @@ combined advantage → PPO update.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -35,6 +33,7 @@ from tqdm.auto import tqdm
 
 import opid
 import policy
+import ppo
 import rollout
 import skills
 from envs import make_env
@@ -198,24 +197,6 @@ def parse_config(argv: list[str] | None = None) -> Config:
 # ---------------------------------------------------------------------------------------------
 
 
-def mixed_precision(cfg: Config) -> str:
-    """--mixed-precision resolved: "bf16" or "no" (auto: bf16 on a GPU, fp32 on the CPU)."""
-    if cfg.mixed_precision not in ("auto", "bf16", "no"):
-        raise SystemExit(f"--mixed-precision must be auto, bf16 or no, got {cfg.mixed_precision!r}")
-    if cfg.mixed_precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    return cfg.mixed_precision
-
-
-def compute_autocast(cfg: Config, device: torch.device):
-    """The context of every forward pass (rollout, old, reference, teacher, update): bf16 autocast
-    when --mixed-precision resolves to bf16, else nothing. Done here rather than by accelerate's
-    mixed precision, which would widen every output to fp32 — a whole fp32 [tokens × vocabulary]
-    logits tensor per micro-batch; bf16 logits are widened slice by slice instead
-    (`policy.forward_response_logprobs`)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision(cfg) == "bf16")
-
-
 def model_name_or_folder(cfg: Config) -> str:
     """--model as `policy.load_policy` takes it ("tiny" is the warm-started agent of this environment)."""
     if cfg.model == "tiny":
@@ -229,11 +210,11 @@ def load_model(cfg: Config, device: torch.device, checkpoint: Path | None = None
 
     Full fine-tuning loads every weight in fp32: AdamW then updates fp32 master weights (at lr
     1e-6 most updates are below bf16's resolution — bf16 weights would barely move), while the
-    forward passes compute in bf16 under `compute_autocast` (--mixed-precision). LoRA keeps
+    forward passes compute in bf16 under `ppo.compute_autocast` (--mixed-precision). LoRA keeps
     the frozen base in the compute dtype and its adapters in fp32 (peft's default).
     """
     lora = cfg.lora_rank > 0 or (checkpoint is not None and (checkpoint / "adapter_config.json").exists())
-    dtype = torch.bfloat16 if lora and mixed_precision(cfg) == "bf16" else torch.float32
+    dtype = torch.bfloat16 if lora and ppo.mixed_precision(cfg) == "bf16" else torch.float32
     checkpointing = cfg.model != "tiny" if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     model, tokenizer = policy.load_policy(
         model_name_or_folder(cfg), device=str(device), dtype=dtype, lora_rank=cfg.lora_rank,
@@ -368,116 +349,6 @@ def format_token_mask(tokenizer, response_ids: list[int], length: int) -> torch.
     return mask
 
 
-def micro_batches(rows: list[int], lengths: list[int], size: int) -> list[list[int]]:
-    """`rows` sorted by sequence length (ties: by index) and cut into micro-batches of `size`:
-    little padding per micro-batch, and one deterministic grouping every pass can share."""
-    ordered = sorted(rows, key=lambda i: (lengths[i], i))
-    return [ordered[k:k + size] for k in range(0, len(ordered), size)]
-
-
-def update_plan(samples: list[rollout.Sample], cfg: Config, accelerator, rng: random.Random) -> list[dict]:
-    """The optimizer steps of one PPO update on this process's samples, identical in shape on every rank.
-
-    Steps per epoch = ⌈global samples / mini_batch_size⌉; each rank splits its own (shuffled)
-    samples into that many parts, and each part into length-sorted micro-batches. Ranks hold
-    different numbers of samples (episode lengths vary), so every step is padded with empty
-    micro-batches up to the largest count of any rank: all ranks then run the same number of
-    forward/backward passes and optimizer steps, and their collectives pair up. Each step also
-    carries the GLOBAL number of response tokens of its part (the token-mean's denominator).
-    Returns [{"rows": sample indices, "micro_batches": [[...], ..., []], "tokens": float}].
-    """
-    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-    device = accelerator.device
-    total = int(accelerator.gather(torch.tensor([len(samples)], device=device)).sum())
-    steps = max(1, math.ceil(total / cfg.mini_batch_size))
-    plan = []
-    for _ in range(cfg.ppo_epochs):
-        order = list(range(len(samples)))
-        rng.shuffle(order)
-        parts = [order[k * len(order) // steps:(k + 1) * len(order) // steps] for k in range(steps)]
-        micro = [micro_batches(part, lengths, cfg.micro_batch_size) for part in parts]
-        local = torch.tensor([[len(m) for m in micro], [sum(len(samples[i].response_ids) for i in part)
-                                                         for part in parts]], device=device)
-        everyone = accelerator.gather(local[None]).reshape(-1, 2, steps)  # [ranks, 2, steps]
-        most_micro, tokens = everyone[:, 0].max(dim=0).values, everyone[:, 1].sum(dim=0)
-        for k in range(steps):
-            padding = [[] for _ in range(int(most_micro[k]) - len(micro[k]))]
-            plan.append({"rows": parts[k], "micro_batches": micro[k] + padding, "tokens": float(tokens[k])})
-    return plan
-
-
-def ppo_update(model, optimizer, accelerator, samples, plan: list[dict], advantages, old, ref, distill_teacher,
-               distill_rows, mask, cfg: Config) -> dict[str, torch.Tensor]:
-    """§8: clipped PPO on token-level advantages, + β·k3 KL − c_ent·H (+ λ·Skill-SD/OPSD term).
-
-    One optimizer step per `plan` entry (see `update_plan`), accumulated over its micro-batches
-    with gradient all-reduce only on the last one (`no_sync`). The loss is the token-mean over the
-    step's GLOBAL response-token count N: each rank sums its tokens' losses and divides by N/ranks,
-    so that DDP's gradient average equals the gradient of Σ(all ranks' tokens)/N. An empty
-    (padding) micro-batch runs a one-token forward/backward with weight 0. The CPU tensors
-    (`advantages`, `old`, `ref`, `mask`, distillation terms, [S, L]) are moved to the device the
-    log-probs come back on. Log-probs are taken at the rollout temperature, as `old` was.
-    Returns the step-averaged statistics as 0-dim tensors on the model's device, averaged over ranks.
-    """
-    model.train()
-    world = accelerator.num_processes
-    names = ("loss", "pg_loss", "kl", "entropy", "clipfrac", "grad_norm")
-    totals = None
-    for step in plan:
-        num_tokens = step["tokens"] / world
-        optimizer.zero_grad(set_to_none=True)
-        for j, idx in enumerate(step["micro_batches"]):
-            last = j == len(step["micro_batches"]) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                if idx:
-                    prompts, responses = [samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx]
-                else:  # padding: this rank has no samples left in this step
-                    prompts, responses = [[0]], [[0]]
-                with compute_autocast(cfg, accelerator.device):
-                    logp, _, entropy = policy.response_logprobs(
-                        model, prompts, responses, temperature=cfg.temperature, with_entropy=True, requires_grad=True,
-                        groups=[list(range(len(prompts)))], chunk_tokens=cfg.logprob_chunk_size)
-                if totals is None:
-                    totals = {k: torch.zeros((), device=logp.device) for k in names}
-                if not idx:
-                    accelerator.backward((logp.sum() + entropy.sum()) * 0.0)
-                    continue
-                width, device = logp.shape[1], logp.device
-                rows = torch.tensor(idx)
-                m, a, o = (t[rows, :width].to(device) for t in (mask, advantages, old))
-                pg_loss, _ = opid.ppo_clip_loss(logp, o, a, m, cfg.clip_eps, cfg.dual_clip or None, num_tokens)
-                loss = pg_loss
-                if ref is not None:
-                    kl = opid.token_mean(opid.k3_kl(logp, ref[rows, :width].to(device)), m, num_tokens)
-                    loss = loss + cfg.kl_coef * kl
-                    totals["kl"] += kl.detach()
-                ent = opid.token_mean(entropy, m, num_tokens)  # logged always, in the loss when c_ent > 0
-                if cfg.entropy_coef > 0:
-                    loss = loss - cfg.entropy_coef * ent
-                totals["entropy"] += ent.detach()
-                if distill_teacher is not None:
-                    distilled = distill_rows[rows].float()[:, None].to(device)
-                    loss = loss + cfg.distill_coef * opid.skill_sd_loss(
-                        logp, distill_teacher[rows, :width].to(device), o, m * distilled, num_tokens)
-                accelerator.backward(loss)
-                totals["loss"] += loss.detach()
-                totals["pg_loss"] += pg_loss.detach()
-                totals["clipfrac"] += clipped_tokens(logp.detach(), o, a, m, cfg.clip_eps) / num_tokens
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        totals["grad_norm"] += torch.as_tensor(grad_norm, device=totals["grad_norm"].device).detach()
-    model.eval()
-    stacked = accelerator.reduce(torch.stack([totals[k] for k in names]) / max(len(plan), 1), reduction="mean")
-    return dict(zip(names, stacked))
-
-
-def clipped_tokens(logprobs, old_logprobs, advantages, mask, clip_eps: float) -> torch.Tensor:
-    """How many tokens' PPO term is clipped (the clipped branch of §8's min is the active one)."""
-    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
-    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) > -advantages * ratio
-    return (clipped.float() * mask).sum()
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: model (HF format), optimizer, RNG states, iteration — written atomically
 # ---------------------------------------------------------------------------------------------
@@ -521,27 +392,6 @@ def append_metrics(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def score_samples(model, samples: list[rollout.Sample], groups: list[list[int]], cfg: Config,
-                  accelerator) -> torch.Tensor:
-    """No-grad log-probs [S, longest response] (CPU, fp32; 0 on padding) of each sample's own
-    response under its own prompt, in `groups` micro-batches, in the run's compute precision."""
-    with torch.no_grad(), compute_autocast(cfg, accelerator.device):
-        logprobs, _, _ = policy.response_logprobs(model, [s.prompt_ids for s in samples],
-                                                  [s.response_ids for s in samples], temperature=cfg.temperature,
-                                                  groups=groups, chunk_tokens=cfg.logprob_chunk_size)
-    return logprobs.float().cpu()
-
-
-def generate_mismatch(old: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor, clip_eps: float) -> dict:
-    """How far generate-time log-probs are from the recomputed log π_old (shown, never trained on):
-    the mean |old − generate| per token, and the share of tokens whose first PPO ratio
-    exp(old − generate) would already lie outside [1−ε, 1+ε] had the update used them."""
-    tokens = mask.sum().clamp(min=1.0)
-    outside = (torch.exp(old - generated) - 1.0).abs() > clip_eps
-    return {"old/mean_abs_diff_generate": float(((old - generated).abs() * mask).sum() / tokens),
-            "old/share_outside_clip_generate": float((outside.float() * mask).sum() / tokens)}
-
-
 def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrapped, reference, tokenizer,
                      optimizer, accelerator, analyzer, iteration: int, skill_bank: dict[int, str]) -> dict:
     """Steps 2–7 of one iteration on a collected batch of trajectories; returns its metrics.
@@ -561,11 +411,11 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
     scores = torch.tensor([opid.trajectory_score(t.episode_reward, t.num_invalid, cfg.invalid_penalty)
                            for t in traj_of])
     group_ids = torch.tensor([s.uid for s in samples])
-    plan = update_plan(samples, cfg, accelerator, random.Random(cfg.seed + iteration))
+    plan = ppo.update_plan(samples, cfg, accelerator, random.Random(cfg.seed + iteration))
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     score_size = cfg.score_micro_batch_size or cfg.micro_batch_size
     score_groups = [g for step in plan[:len(plan) // cfg.ppo_epochs]
-                    for g in micro_batches(step["rows"], lengths, score_size)]
+                    for g in ppo.micro_batches(step["rows"], lengths, score_size)]
 
     # 3. Skills from the finished trajectories (analyzer threads run during the old and reference passes).
     t_analysis = time.perf_counter()
@@ -575,12 +425,12 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
     # on the update's micro-batches: generate's own numbers (KV cache, other padding) differ from it
     # in bf16 by ~0.06 nats per token, enough to start tokens outside the clip and to put noise in Δ.
     t_old = time.perf_counter()
-    old = score_samples(unwrapped, samples, score_groups, cfg, accelerator)
+    old = ppo.score_samples(unwrapped, samples, score_groups, cfg, accelerator)
     old_s = time.perf_counter() - t_old
     ref = None
     if cfg.kl_coef > 0:
         with policy.reference_policy(unwrapped, reference) as ref_model:
-            ref = score_samples(ref_model, samples, score_groups, cfg, accelerator)
+            ref = ppo.score_samples(ref_model, samples, score_groups, cfg, accelerator)
     traj_skills, analysis_stats = pending.result() if pending else ([None] * len(trajs), {})
     if cfg.critical_steps == "statistics" and analyzer is not None:
         rows = [(s.uid, s.traj_uid, s.step, s.observation, v.discounted_return)
@@ -611,7 +461,7 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
             step_ctx.append((i, None, step_text))
         if ep_text:
             episode_ctx.append((i, ep_text, None))
-    with compute_autocast(cfg, accelerator.device):
+    with ppo.compute_autocast(cfg, accelerator.device):
         teacher_ep, routed_ep = teacher_logprobs(unwrapped, tokenizer, samples, episode_ctx, length, score_size,
                                                  cfg.temperature, score_groups, cfg.logprob_chunk_size)
         teacher_st, routed_st = teacher_logprobs(unwrapped, tokenizer, samples, step_ctx, length, score_size,
@@ -645,12 +495,12 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
 
     # 7. PPO update.
     t_update = time.perf_counter()
-    update_stats = ppo_update(model, optimizer, accelerator, samples, plan, advantages, old, ref, distill_teacher,
+    update_stats = ppo.update(model, optimizer, accelerator, samples, plan, advantages, old, ref, distill_teacher,
                               distill_rows, mask, cfg)
     update_s = time.perf_counter() - t_update
 
     record = {"samples": len(samples), **{k: float(v) for k, v in update_stats.items()},
-              **generate_mismatch(old, generated, mask, cfg.clip_eps), "time/old_s": old_s,
+              **ppo.generate_mismatch(old, generated, mask, cfg.clip_eps), "time/old_s": old_s,
               "time/analysis_s": analysis_s, "time/teacher_s": teacher_s, "time/update_s": update_s}
     record.update(skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, routed_ep, routed_st,
                                 delta_ep, delta_st, mask, length))
@@ -676,8 +526,8 @@ def main(cfg: Config) -> Path:
     problem = policy.model_source_problem(cfg.model)
     if problem:  # before anything is written or downloaded
         raise SystemExit(f"--model {cfg.model}: {problem}")
-    mixed_precision(cfg)  # a bad --mixed-precision stops here, before the run folder
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # precision: compute_autocast
+    ppo.mixed_precision(cfg)  # a bad --mixed-precision stops here, before the run folder
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # precision: ppo.compute_autocast
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         raise SystemExit(f"accelerate {accelerator.distributed_type}: train.py runs on one device or data-parallel "
@@ -731,7 +581,7 @@ def main(cfg: Config) -> Path:
             return make_env(cfg.env, split=cfg.eval_split, **env_kwargs(cfg))
         if num_eval_tasks is None:
             num_eval_tasks = make_eval_env().num_tasks()
-        with compute_autocast(cfg, accelerator.device):
+        with ppo.compute_autocast(cfg, accelerator.device):
             if world == 1:
                 summary, _ = rollout.evaluate_policy(
                     unwrapped, tokenizer, make_eval_env, num_eval_tasks,
@@ -767,7 +617,7 @@ def main(cfg: Config) -> Path:
         hook = None
         if cfg.algo == "skill_grpo":  # Skill-GRPO: the student itself sees last iteration's skill for its task
             hook = lambda i, text: skills.inject_skills(text, skill_bank.get(task_indices[i]), None)
-        with compute_autocast(cfg, accelerator.device):
+        with ppo.compute_autocast(cfg, accelerator.device):
             trajs, rstats = rollout.collect_rollouts(
                 unwrapped, tokenizer, envs[:len(task_indices)], task_indices, uids, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, top_p=cfg.top_p, prompt_hook=hook)

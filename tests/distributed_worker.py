@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import policy  # noqa: E402
+import ppo  # noqa: E402
 import train  # noqa: E402
 
 GRADIENT_CFG = dict(mini_batch_size=64, micro_batch_size=1, kl_coef=0.01, entropy_coef=0.01, max_grad_norm=1e9,
@@ -30,13 +30,13 @@ def fixed_batch_gradient(model_folder: str, samples, accelerator) -> list[torch.
     model, optimizer = accelerator.prepare(model, optimizer)
     length = 8
     mask = train.padded([[1.0] * len(s.response_ids) for s in samples], length)
-    plan = train.update_plan(samples, cfg, accelerator, random.Random(0))
+    plan = ppo.update_plan(samples, cfg, accelerator, random.Random(0))
     groups = [g for step in plan for g in step["micro_batches"] if g]
-    old = torch.nn.functional.pad(train.score_samples(model, samples, groups, cfg, accelerator),
+    old = torch.nn.functional.pad(ppo.score_samples(model, samples, groups, cfg, accelerator),
                                   (0, length - max(len(s.response_ids) for s in samples)))
     advantages = torch.tensor([[1.0 - 0.5 * s.traj_uid] for s in samples]) * mask
     ref = (old - 0.1) * mask
-    train.ppo_update(model, optimizer, accelerator, samples, plan, advantages, old, ref, None, None, mask, cfg)
+    ppo.update(model, optimizer, accelerator, samples, plan, advantages, old, ref, None, None, mask, cfg)
     return [p.grad.detach().clone() for p in accelerator.unwrap_model(model).parameters()]
 
 

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 import opid
 import policy
 import rollout
+import ppo
 import train
 
 PROMPT = ("You are an agent in a small test world.\n"
@@ -42,7 +43,7 @@ def make_samples(model, tokenizer, n: int, cfg=None) -> list[rollout.Sample]:
     for i in range(n):
         text = PROMPT + "\nYou have taken %d step(s) so far." % i + " Look around." * (i % 3)
         ids = policy.chat_prompt_ids(tokenizer, text)
-        with train.compute_autocast(cfg or train.Config(), torch.device("cpu")):
+        with ppo.compute_autocast(cfg or train.Config(), torch.device("cpu")):
             gen = policy.generate(model, tokenizer, [ids], max_new_tokens=6, seed=i)[0]
         samples.append(rollout.Sample(uid=i // 2, traj_uid=i, step=0, prompt_text=text, prompt_ids=ids,
                                       response_ids=gen.response_ids, old_logprobs=gen.logprobs, response_text=gen.text,
@@ -87,8 +88,8 @@ def test_ppo_update_meets_model_outputs_on_the_models_device(monkeypatch):
     model = MetaStandIn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     accelerator = Accelerator(cpu=True)
-    plan = train.update_plan(samples, cfg, accelerator, random.Random(0))
-    stats = train.ppo_update(model, optimizer, accelerator, samples, plan, advantages, old, old.clone(), old.clone(),
+    plan = ppo.update_plan(samples, cfg, accelerator, random.Random(0))
+    stats = ppo.update(model, optimizer, accelerator, samples, plan, advantages, old, old.clone(), old.clone(),
                              torch.ones(3, dtype=torch.bool), mask, cfg)
     assert set(stats) == {"loss", "pg_loss", "kl", "entropy", "clipfrac", "grad_norm"}
     assert all(v.device.type == "meta" and v.shape == () for v in stats.values())
@@ -114,10 +115,10 @@ def test_full_fine_tuning_keeps_fp32_master_weights_and_moves_them_at_lr_1e6(mod
         samples = make_samples(accelerator.unwrap_model(prepared), tokenizer, 8, cfg)
         length = max(len(s.response_ids) for s in samples)
         mask = train.padded([[1.0] * len(s.response_ids) for s in samples], length)
-        plan = train.update_plan(samples, cfg, accelerator, random.Random(0))
-        old = train.score_samples(prepared, samples, plan[0]["micro_batches"], cfg, accelerator)
+        plan = ppo.update_plan(samples, cfg, accelerator, random.Random(0))
+        old = ppo.score_samples(prepared, samples, plan[0]["micro_batches"], cfg, accelerator)
         advantages = torch.linspace(-1, 1, 8)[:, None] * mask
-        train.ppo_update(prepared, optimizer, accelerator, samples, plan, advantages, old, None, None, None, mask, cfg)
+        ppo.update(prepared, optimizer, accelerator, samples, plan, advantages, old, None, None, None, mask, cfg)
         moved = sum(int((p.detach() != b).sum()) for p, b in zip(model.parameters(), before))
         return moved / sum(b.numel() for b in before)
 
@@ -146,11 +147,11 @@ def test_bf16_first_ratio_is_exactly_one_and_an_empty_skill_gives_zero_delta(mod
     length = max(len(s.response_ids) for s in samples)
     mask = train.padded([[1.0] * len(s.response_ids) for s in samples], length)
     generated = train.padded([s.old_logprobs for s in samples], length)
-    plan = train.update_plan(samples, cfg, accelerator, random.Random(0))
+    plan = ppo.update_plan(samples, cfg, accelerator, random.Random(0))
     groups = [g for step in plan for g in step["micro_batches"]]
-    old = train.score_samples(unwrapped, samples, groups, cfg, accelerator)
+    old = ppo.score_samples(unwrapped, samples, groups, cfg, accelerator)
 
-    with train.compute_autocast(cfg, accelerator.device):
+    with ppo.compute_autocast(cfg, accelerator.device):
         teacher, routed = train.teacher_logprobs(unwrapped, tokenizer, samples, [(i, None, None) for i in range(6)],
                                                  length, 3, cfg.temperature, groups)
     assert routed.all()
@@ -167,12 +168,12 @@ def test_bf16_first_ratio_is_exactly_one_and_an_empty_skill_gives_zero_delta(mod
 
     monkeypatch.setattr(opid, "ppo_clip_loss", spy)
     advantages = torch.linspace(-1, 1, 6)[:, None] * mask
-    stats = train.ppo_update(model, optimizer, accelerator, samples, plan, advantages, old, None, None, None, mask, cfg)
+    stats = ppo.update(model, optimizer, accelerator, samples, plan, advantages, old, None, None, None, mask, cfg)
     assert len(seen) == 2 and float(stats["clipfrac"]) == 0.0
     for logprobs, old_logprobs in seen:
         assert torch.equal(torch.exp(logprobs - old_logprobs), torch.ones_like(logprobs))  # ratio exactly 1
     # the metric that shows the generate-time mismatch instead of training on it
-    shown = train.generate_mismatch(old, generated, mask, cfg.clip_eps)
+    shown = ppo.generate_mismatch(old, generated, mask, cfg.clip_eps)
     assert shown["old/mean_abs_diff_generate"] > 0
 
 

@@ -85,10 +85,10 @@ def test_two_processes_with_uneven_shares_stay_in_step_and_match_one_process(mod
 
 
 def test_micro_batches_are_length_sorted_and_deterministic():
-    import train
+    import ppo
     lengths = [5, 3, 5, 1, 9]
-    assert train.micro_batches([0, 1, 2, 3], lengths, 2) == [[3, 1], [0, 2]]  # ties by index
-    assert train.micro_batches([4, 2, 0], lengths, 2) == [[0, 2], [4]]
+    assert ppo.micro_batches([0, 1, 2, 3], lengths, 2) == [[3, 1], [0, 2]]  # ties by index
+    assert ppo.micro_batches([4, 2, 0], lengths, 2) == [[0, 2], [4]]
 
 
 def test_merge_records_adds_counts_takes_slowest_time_and_weights_by_samples():

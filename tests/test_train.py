@@ -13,6 +13,7 @@ import opid
 import policy
 import rollout
 import skills
+import ppo
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,8 +266,8 @@ def test_ppo_update_raises_positive_and_lowers_negative_advantage_responses(tiny
     cfg = train.Config(mini_batch_size=6, micro_batch_size=3, kl_coef=0.0, entropy_coef=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     accelerator = Accelerator(cpu=True)
-    plan = train.update_plan(samples, cfg, accelerator, random.Random(0))
-    stats = train.ppo_update(model, optimizer, accelerator, samples, plan, advantages, old, None, None, None, mask, cfg)
+    plan = ppo.update_plan(samples, cfg, accelerator, random.Random(0))
+    stats = ppo.update(model, optimizer, accelerator, samples, plan, advantages, old, None, None, None, mask, cfg)
     after = [sequence_logprob(i) for i in range(2)]
     assert stats["grad_norm"] > 0
     assert after[0] > before[0] + 1e-3, (before, after)
@@ -288,8 +289,8 @@ def test_first_ppo_ratio_is_one_at_the_rollout_temperature(tiny, temperature):
     cfg = train.Config(temperature=temperature, mini_batch_size=4, micro_batch_size=2, kl_coef=0.0, entropy_coef=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     accelerator = Accelerator(cpu=True)
-    plan = train.update_plan(samples, cfg, accelerator, random.Random(0))
-    stats = train.ppo_update(model, optimizer, accelerator, samples, plan, advantages, old, old.clone(), None, None,
+    plan = ppo.update_plan(samples, cfg, accelerator, random.Random(0))
+    stats = ppo.update(model, optimizer, accelerator, samples, plan, advantages, old, old.clone(), None, None,
                              mask, cfg)
     model.eval()
     assert stats["clipfrac"] == 0
