@@ -98,3 +98,36 @@ def test_merge_records_adds_counts_takes_slowest_time_and_weights_by_samples():
     assert merged["samples"] == 8 and merged["time/update_s"] == 5.0
     assert merged["clipfrac"] == pytest.approx((2 * 0.5 + 6 * 0.1) / 8)  # 0.2
     assert merged["delta/mean"] == 1.0  # only the process that had skills reports Δ
+
+
+class TwoProcessStandIn:
+    """What `update_plan` asks of an accelerator, for process 1 of 2 whose partner's numbers are
+    given: `gather` stacks the partner's tensor after this process's own."""
+    device = torch.device("cpu")
+    num_processes = 2
+
+    def __init__(self, partner_count: int, partner_micro: list[int], partner_tokens: list[int]):
+        self.partner = [torch.tensor([partner_count]), torch.tensor([[partner_micro, partner_tokens]])]
+
+    def gather(self, tensor):
+        partner = self.partner.pop(0)
+        return torch.cat([tensor, partner])
+
+
+def test_update_plan_pads_to_the_partners_micro_batch_count_and_counts_global_tokens():
+    import random
+    import ppo
+    import train
+    samples = [rollout.Sample(uid=0, traj_uid=0, step=0, prompt_text="", prompt_ids=[1] * 4, response_ids=[2] * 5,
+                              old_logprobs=[0.0] * 5, response_text="", action="", valid=True, invalid_reason="",
+                              observation="", reward=0.0, privileged="")]
+    # this process: 1 sample (5 response tokens); the partner: 3 samples in 3 micro-batches, 12 tokens
+    cfg = train.Config(mini_batch_size=64, micro_batch_size=1)
+    plan = ppo.update_plan(samples, cfg, TwoProcessStandIn(3, [3], [12]), random.Random(0))
+    assert len(plan) == 1  # ⌈4 global samples / 64⌉ optimizer steps
+    assert plan[0]["micro_batches"] == [[0], [], []]  # two zero-weight micro-batches keep the pace
+    assert plan[0]["tokens"] == 17.0  # 5 + 12: the token-mean's global denominator
+    cfg = train.Config(mini_batch_size=2, micro_batch_size=1)  # ⌈4 / 2⌉ = 2 steps; this process has 1 sample
+    plan = ppo.update_plan(samples, cfg, TwoProcessStandIn(3, [1, 2], [4, 8]), random.Random(0))
+    assert [step["micro_batches"] for step in plan] == [[[]], [[0], []]]
+    assert [step["tokens"] for step in plan] == [4.0, 13.0]
