@@ -186,7 +186,8 @@ def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
 
     With `dual_clip` = c (e.g. 3), tokens with A < 0 are additionally capped at −c·A (the loss
     of a negative-advantage token cannot grow without bound as the ratio explodes).
-    All tensors [S, L]. Returns (token-mean loss, {"clipfrac", "approx_kl"}).
+    All tensors [S, L]. Returns (token-mean loss, {"clipfrac", "approx_kl"} as detached 0-dim
+    tensors on the loss's device: reading them as numbers is left to the caller, once per step).
     """
     log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
@@ -197,8 +198,8 @@ def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
         per_token = torch.where(advantages < 0, torch.minimum(per_token, -dual_clip * advantages), per_token)
     loss = token_mean(per_token, mask, num_tokens)
     with torch.no_grad():
-        stats = {"clipfrac": token_mean((clipped > unclipped).float(), mask).item(),
-                 "approx_kl": token_mean(-log_ratio, mask).item()}
+        stats = {"clipfrac": token_mean((clipped > unclipped).float(), mask),
+                 "approx_kl": token_mean(-log_ratio, mask)}
     return loss, stats
 
 

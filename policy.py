@@ -30,12 +30,14 @@ import copy
 import importlib.util
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
                           LogitsProcessorList, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2ForCausalLM)
@@ -104,6 +106,47 @@ def resolve_model_path(name: str) -> str:
                 "and save it there with save_policy (train.py does this)")
         return str(folder)
     return name
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def model_source_problem(name: str) -> str | None:
+    """Why the model `name` cannot be loaded, in one line, or None when it looks loadable.
+
+    Checked before any download of weights and without retries: a local folder needs a
+    config.json and tokenizer files (a LoRA folder: its base model is checked); a hub id must be
+    in the local Hugging Face cache or answer one metadata request (none is made when
+    HF_HUB_OFFLINE is set). "tiny" and "smollm2" are built or converted locally on first use.
+    """
+    if name in ("tiny", "smollm2"):
+        return None
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if (folder / "adapter_config.json").exists():
+            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            return model_source_problem(base) if base else f"{folder}/adapter_config.json names no base model"
+        if not (folder / "config.json").exists():
+            return f"folder {folder} has no config.json (not a Hugging Face model folder)"
+        if not any((folder / f).exists() for f in TOKENIZER_FILES):
+            return f"folder {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)})"
+        return None
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or folder.exists():
+        return f"no model folder at {folder}"
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return None
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return (f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                f"download it first (huggingface-cli download {name}) or pass a local folder")
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=10)
+    except Exception as error:  # not found, gated, or no network: say which, in one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (f"{name} is neither a local folder nor in the Hugging Face cache, and the hub "
+                f"lookup failed ({type(error).__name__}: {reason[:160]})")
+    return None
 
 
 def load_tokenizer(path: str | Path):
@@ -406,67 +449,113 @@ def pad_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id
             "logits_to_keep": response_width + 1}
 
 
+LOGPROB_CHUNK_TOKENS = 1024  # tokens per fp32 [tokens × vocabulary] slice (Qwen: 1024 × 151,936 × 4 B = 0.62 GB)
+
+
+def _token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                                with_entropy: bool) -> tuple[torch.Tensor, ...]:
+    """log softmax(logits/T) of `tokens` and (optionally) the entropy, for one slice [B, C, V].
+
+    The only place an fp32 copy of the logits exists: gather − logsumexp keeps one [B, C, V]
+    fp32 tensor instead of log_softmax's second one; the entropy adds softmax(z) and softmax(z)·z.
+    """
+    scaled = logits.float() / temperature
+    log_normaliser = torch.logsumexp(scaled, dim=-1)
+    logprobs = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_normaliser
+    if not with_entropy:
+        return (logprobs,)
+    # H = logsumexp(z) − Σ softmax(z)·z
+    entropy = log_normaliser - (torch.softmax(scaled, dim=-1) * scaled).sum(dim=-1)
+    return logprobs, entropy
+
+
 def forward_response_logprobs(model, batch: dict, temperature: float = 1.0,
-                              with_entropy: bool = False):
+                              with_entropy: bool = False, chunk_tokens: int = LOGPROB_CHUNK_TOKENS):
     """One forward pass over a `pad_batch` batch (gradients flow if enabled by the caller).
 
     Returns (logprobs [B, Lr], mask [B, Lr], entropy [B, Lr] or None) on the model's device,
     with log-probs = log softmax(logits/T) of the response tokens (0 on padding) and entropy of
     the full next-token distribution at each response position. Only the response columns'
-    logits are computed (`logits_to_keep`).
+    logits are computed (`logits_to_keep`), in the model's compute dtype (bf16 under autocast).
+
+    Memory bound: the fp32 softmax work runs over slices of B rows × max(1, ⌊chunk_tokens / B⌋)
+    columns, so no fp32 [tokens × vocabulary] tensor holds more than max(chunk_tokens, B) tokens
+    (1024 × Qwen's 151,936 vocabulary × 4 B = 0.62 GB); with gradients each slice is recomputed
+    in the backward pass (activation checkpointing) instead of being kept, so at most one slice's
+    few fp32 tensors are alive at any time. The result does not depend on `chunk_tokens` (tested).
     """
     device = model_device(model)
     output = model(input_ids=batch["input_ids"].to(device),
                    attention_mask=batch["attention_mask"].to(device),
                    position_ids=batch["position_ids"].to(device),
                    logits_to_keep=batch["logits_to_keep"], use_cache=False)
-    logits = output.logits[:, :-1].float() / temperature   # [B, Lr, V], position l predicts l+1
-    tokens = batch["response_ids"].to(device)
-    mask = batch["response_mask"].to(device)
-    # gather − logsumexp avoids keeping a second [B, Lr, V] tensor (log_softmax's output)
-    log_normaliser = torch.logsumexp(logits, dim=-1)
-    logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_normaliser
+    logits = output.logits[:, :-1]   # [B, Lr, V], position l predicts l+1
+    tokens = batch["response_ids"].to(logits.device)
+    mask = batch["response_mask"].to(logits.device)
+    columns = max(1, chunk_tokens // max(1, tokens.shape[0]))
+    keep_graph = torch.is_grad_enabled() and logits.requires_grad
+    pieces = []
+    for start in range(0, tokens.shape[1], columns):
+        args = (logits[:, start:start + columns], tokens[:, start:start + columns], temperature, with_entropy)
+        if keep_graph:
+            pieces.append(torch.utils.checkpoint.checkpoint(_token_logprobs_and_entropy, *args,
+                                                            use_reentrant=False))
+        else:
+            pieces.append(_token_logprobs_and_entropy(*args))
+    logprobs = torch.cat([p[0] for p in pieces], dim=1)
     logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))
     entropy = None
     if with_entropy:
-        # H = logsumexp(z) − Σ softmax(z)·z
-        entropy = log_normaliser - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+        entropy = torch.cat([p[1] for p in pieces], dim=1)
         entropy = torch.where(mask, entropy, torch.zeros_like(entropy))
     return logprobs, mask, entropy
 
 
 def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], *,
                       temperature: float = 1.0, micro_batch_size: int = 8,
-                      with_entropy: bool = False, requires_grad: bool = False):
+                      with_entropy: bool = False, requires_grad: bool = False,
+                      chunk_tokens: int = LOGPROB_CHUNK_TOKENS, groups: list[list[int]] | None = None):
     """Per-token log-probs of `response_ids[i]` given `prompt_ids[i]`, micro-batched.
 
     The workhorse of re-scoring: log π_old (prompt h), the teacher log π_old(·|ĥ) with the
-    skill-augmented prompt (§7), log π_ref (inside `reference_policy`, §8). Samples are sorted
-    by length so each micro-batch carries little padding; results come back in input order as
-    (logprobs [B, Lr], mask [B, Lr], entropy [B, Lr] or None), Lr = longest response.
-    `requires_grad=True` keeps every micro-batch's graph alive — fine for small batches; a
-    training loop should rather call `pad_batch` + `forward_response_logprobs` per micro-batch
-    and call backward on each.
+    skill-augmented prompt (§7), log π_ref (inside `reference_policy`, §8), log π_θ of the update.
+    `groups` are the micro-batches (lists of row indices, each row at most once); by default the
+    rows are sorted by length and cut into `micro_batch_size` rows, so each micro-batch carries
+    little padding. Two passes over the same groups compute bit-identical numbers in any
+    precision; other groupings can differ by rounding (in bf16 up to ~1e-3 per token), which is
+    why the trainer scores old, teacher and update passes on one grouping. Results come back in
+    input order as (logprobs [B, Lr], mask [B, Lr], entropy [B, Lr] or None), Lr = longest
+    response; rows outside every group stay 0. `requires_grad=True` keeps every micro-batch's
+    graph alive — fine for small batches; a training loop should rather call this per
+    micro-batch and call backward on each.
     """
     response_width = max(1, max(len(r) for r in response_ids))
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
+    if groups is None:
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
+        groups = [order[start:start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
+    groups = [rows for rows in groups if rows]
     pad_id = _pad_id(model)
     parts = {"logprobs": [], "mask": [], "entropy": []}
     with torch.set_grad_enabled(requires_grad):
-        for start in range(0, len(order), micro_batch_size):
-            rows = order[start:start + micro_batch_size]
+        for rows in groups:
             batch = pad_batch([prompt_ids[i] for i in rows], [response_ids[i] for i in rows],
                               pad_id)
-            outputs = forward_response_logprobs(model, batch, temperature, with_entropy)
+            outputs = forward_response_logprobs(model, batch, temperature, with_entropy, chunk_tokens)
             for key, value in zip(("logprobs", "mask", "entropy"), outputs):
                 if value is not None:  # widen to the longest response of the whole batch
                     parts[key].append(torch.nn.functional.pad(
                         value, (0, response_width - value.shape[1])))
-        # rows were processed in length order: put them back in input order
-        inverse = torch.argsort(torch.tensor(order)).to(parts["mask"][0].device)
-        logprobs = torch.cat(parts["logprobs"])[inverse]
-        mask = torch.cat(parts["mask"])[inverse]
-        entropy = torch.cat(parts["entropy"])[inverse] if with_entropy else None
+        # rows were processed group by group: put them back in input order (absent rows: 0)
+        device = parts["mask"][0].device
+        placed = torch.tensor([i for rows in groups for i in rows], device=device)
+        logprobs = torch.cat(parts["logprobs"]).new_zeros(len(prompt_ids), response_width)
+        logprobs = logprobs.index_copy(0, placed, torch.cat(parts["logprobs"]))
+        mask = torch.zeros(len(prompt_ids), response_width, dtype=torch.bool, device=device)
+        mask = mask.index_copy(0, placed, torch.cat(parts["mask"]))
+        entropy = None
+        if with_entropy:
+            entropy = torch.cat(parts["entropy"]).new_zeros(len(prompt_ids), response_width)
+            entropy = entropy.index_copy(0, placed, torch.cat(parts["entropy"]))
     return logprobs, mask, entropy
 
 

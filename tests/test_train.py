@@ -14,6 +14,7 @@ import opid
 import policy
 import rollout
 import skills
+import ppo
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +71,8 @@ def test_delta_equals_difference_of_two_explicit_logprob_computations(tiny):
     assert augmented_ids != sample.prompt_ids
     with_skill = explicit_logprobs(model, augmented_ids, sample.response_ids)
     without_skill = explicit_logprobs(model, sample.prompt_ids, sample.response_ids)
-    # the saved generation log-probs are the original-context term of Δ (no second pass)
+    # in fp32 generate's own log-probs agree with the scoring forward; the trainer still recomputes
+    # log π_old with that forward (in bf16 they differ: tests/test_devices.py)
     assert torch.allclose(torch.tensor(sample.old_logprobs), without_skill, atol=1e-4)
     delta = opid.skill_delta(teacher, torch.tensor([sample.old_logprobs]), torch.ones(1, length))
     assert torch.allclose(delta[0], with_skill - without_skill, atol=1e-4)
@@ -368,8 +370,9 @@ def test_ppo_update_raises_positive_and_lowers_negative_advantage_responses(tiny
     before = [sequence_logprob(i) for i in range(2)]
     cfg = train.Config(mini_batch_size=6, micro_batch_size=3, kl_coef=0.0, entropy_coef=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    stats = train.ppo_update(model, optimizer, Accelerator(cpu=True), samples, advantages, old, None, None, None,
-                             mask, cfg, random.Random(0))
+    accelerator = Accelerator(cpu=True)
+    plan = ppo.update_plan(samples, cfg, accelerator, random.Random(0))
+    stats = ppo.update(model, optimizer, accelerator, samples, plan, advantages, old, None, None, None, mask, cfg)
     after = [sequence_logprob(i) for i in range(2)]
     assert stats["grad_norm"] > 0
     assert after[0] > before[0] + 1e-3, (before, after)
@@ -390,8 +393,10 @@ def test_first_ppo_ratio_is_one_at_the_rollout_temperature(tiny, temperature):
     advantages = torch.tensor([[1.0], [-0.5], [2.0], [-1.5]]) * mask
     cfg = train.Config(temperature=temperature, mini_batch_size=4, micro_batch_size=2, kl_coef=0.0, entropy_coef=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    stats = train.ppo_update(model, optimizer, Accelerator(cpu=True), samples, advantages, old, old.clone(), None,
-                             None, mask, cfg, random.Random(0))
+    accelerator = Accelerator(cpu=True)
+    plan = ppo.update_plan(samples, cfg, accelerator, random.Random(0))
+    stats = ppo.update(model, optimizer, accelerator, samples, plan, advantages, old, old.clone(), None, None,
+                             mask, cfg)
     model.eval()
     assert stats["clipfrac"] == 0
     assert stats["pg_loss"] == pytest.approx(-(advantages.sum() / mask.sum()).item(), abs=1e-5)
@@ -426,15 +431,18 @@ def test_non_finite_gradient_skips_the_step_and_is_counted(tiny):
     poisoned = next(p for p in model.parameters() if p.requires_grad)
     handle = poisoned.register_hook(lambda grad: grad * float("nan"))  # every backward yields a NaN gradient
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    stats = train.ppo_update(model, optimizer, Accelerator(cpu=True), samples, advantages, old, None, None, None,
-                             mask, cfg, random.Random(0))
+    accelerator = Accelerator(cpu=True)
+    plan = ppo.update_plan(samples, cfg, accelerator, random.Random(0))
+    assert len(plan) == 2  # two mini-batches of 2 samples
+    stats = ppo.update(model, optimizer, accelerator, samples, plan, advantages, old, None, None, None,
+                       mask, cfg)
     handle.remove()
     assert stats["update/skipped_nonfinite"] == 2 and stats["grad_norm"] == 0.0  # both mini-batches skipped
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())  # no step taken
     assert not optimizer.state  # Adam's moments were never touched
     # the same update without the poison moves the weights and counts nothing
-    stats = train.ppo_update(model, optimizer, Accelerator(cpu=True), samples, advantages, old, None, None, None,
-                             mask, cfg, random.Random(0))
+    stats = ppo.update(model, optimizer, accelerator, samples, plan, advantages, old, None, None, None,
+                       mask, cfg)
     assert stats["update/skipped_nonfinite"] == 0 and stats["grad_norm"] > 0
     assert any(not torch.equal(p, weights[name]) for name, p in model.named_parameters())
 
