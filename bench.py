@@ -35,7 +35,8 @@ import torch
 
 import policy
 import ppo
-from envs import cache_dir, make_env
+from environments import make_env
+from envs import cache_dir
 
 
 def games_kwargs(env_name: str, games: int) -> dict:

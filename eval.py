@@ -45,7 +45,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from envs import make_env
+from environments import make_env
 
 Policy = Callable[[list[str], list], list[str]]
 ENVS = ("alfworld", "webshop", "search")

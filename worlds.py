@@ -40,9 +40,12 @@ import alfworld
 import alfworld.gen.constants as alfred_constants
 import alfworld.gen.goal_library as goal_library
 
+from alfworld_engine import load_game
+from envs import cache_dir
+
 ALFWORLD_DATA = Path(alfworld.__file__).resolve().parent / "data"
 GENERATOR_VERSION = 1   # bump when the drawing procedure changes: the cache folder name holds it
-EXPERT_STEPS = 30       # the expert must win within the default episode length (envs.AlfWorldEnv)
+EXPERT_STEPS = 30       # the expert must win within the default episode length (alfworld_env.AlfWorldEnv)
 
 # contract task-type name -> alfworld's name (traj_data.json, goal library, expert policies)
 TASK_TYPES = {
@@ -300,11 +303,11 @@ def game_json(problem: str, traj_data: dict, seed: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def expert_solves(game_file: Path, max_steps: int = EXPERT_STEPS) -> int | None:
-    """Play the game with alfworld's hand-coded expert (with the pick-two fix, `envs.FixedExpert`);
-    the number of steps to win, or None when it does not win within `max_steps` (or crashes)."""
-    import envs
+    """Play the game with alfworld's hand-coded expert (with the pick-two fix,
+    `alfworld_engine.PutTrackingExpert`); the number of steps to win, or None when it does not win
+    within `max_steps` (or crashes)."""
     try:
-        game = envs.load_game(str(game_file))
+        game = load_game(str(game_file))
         state = game.reset()
         if state["won"]:
             return None           # a goal that is already true is no task
@@ -407,7 +410,6 @@ def ensure_split(split: str, n_games: int | None = None, train_games: int | None
     Train slot i does not depend on the split size, so a smaller train split is a prefix of a
     larger one.
     """
-    from envs import cache_dir
     if split not in DEFAULT_SIZES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(DEFAULT_SIZES)}")
     n_games = n_games or DEFAULT_SIZES[split]

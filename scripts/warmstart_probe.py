@@ -19,7 +19,7 @@ import policy  # noqa: E402
 import rule_analyzer  # noqa: E402
 import skills  # noqa: E402
 import warmstart  # noqa: E402
-from envs import make_env  # noqa: E402
+from environments import make_env  # noqa: E402
 
 
 def held_out_states(games: int = 30, limit: int = 300, seed: int = 5) -> list[tuple[str, str]]:

@@ -7,7 +7,9 @@ from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
 from textworld import EnvInfos
 from textworld.envs.pddl import PddlEnv
 
-import envs
+import alfworld_engine
+import alfworld_env
+import environments
 import worlds
 
 
@@ -72,7 +74,7 @@ def test_every_generated_game_is_expert_solvable(splits):
 
 
 def test_expert_wins_every_task_type_with_reward_10(splits):
-    env = envs.AlfWorldEnv(split="eval", n_games=6, train_games=6, think=False)
+    env = alfworld_env.AlfWorldEnv(split="eval", n_games=6, train_games=6, think=False)
     seen = set()
     for task in range(env.num_tasks()):
         obs, info = env.reset(task)
@@ -87,7 +89,7 @@ def test_expert_wins_every_task_type_with_reward_10(splits):
 
 
 def test_batched_reset_groups_share_a_task(splits):
-    copies = [envs.AlfWorldEnv(split="train", n_games=6, think=True) for _ in range(6)]
+    copies = [alfworld_env.AlfWorldEnv(split="train", n_games=6, think=True) for _ in range(6)]
     infos = [env.reset(task)[1] for env, task in zip(copies, [0, 0, 0, 3, 3, 3])]
     assert len({i["task"] for i in infos[:3]}) == 1 and len({i["task"] for i in infos[3:]}) == 1
     assert infos[0]["task"] != infos[3]["task"]
@@ -106,7 +108,7 @@ def test_batched_reset_groups_share_a_task(splits):
 def test_cached_command_text_equals_stock_engine(splits):
     game_file = str(worlds.game_files(splits[0])[5])
     stock = AlfredDemangler(PddlEnv(EnvInfos(admissible_commands=True, won=True)), shuffle=False)
-    fast = AlfredDemangler(envs.CachedPddlEnv(EnvInfos(admissible_commands=True, won=True)), shuffle=False)
+    fast = AlfredDemangler(alfworld_engine.CachedPddlEnv(EnvInfos(admissible_commands=True, won=True)), shuffle=False)
     stock.load(game_file)
     fast.load(game_file)
     s1, s2 = stock.reset(), fast.reset()
@@ -120,7 +122,7 @@ def test_cached_command_text_equals_stock_engine(splits):
 
 
 def test_pick_two_fix_tracks_put():
-    expert = envs.PutTrackingExpert(max_steps=50)
+    expert = alfworld_engine.PutTrackingExpert(max_steps=50)
 
     class Policy:
         def act(self, game_state, last_action):
@@ -135,28 +137,28 @@ def test_pick_two_fix_tracks_put():
 
 
 def test_make_env_and_unknown_name(splits):
-    env = envs.make_env("alfworld", split="eval", n_games=6, train_games=6, history_length=3, max_steps=50)
-    assert isinstance(env, envs.AlfWorldEnv) and env.max_steps == 50 and env.answer_tags == ("action",)
+    env = environments.make_env("alfworld", split="eval", n_games=6, train_games=6, history_length=3, max_steps=50)
+    assert isinstance(env, alfworld_env.AlfWorldEnv) and env.max_steps == 50 and env.answer_tags == ("action",)
     with pytest.raises(ValueError):
-        envs.make_env("nethack")
+        environments.make_env("nethack")
 
 
 def test_engine_leaves_sys_argv_alone(splits, monkeypatch):
     # fast-downward's PDDL translator overwrites sys.argv; a CLI reading it later must not notice
     import sys
     monkeypatch.setattr(sys, "argv", ["train.py", "--iters", "3"])
-    envs._TRANSLATIONS.clear()
-    envs.AlfWorldEnv(split="train", n_games=6, think=False).reset(1)
+    alfworld_engine._TRANSLATIONS.clear()
+    alfworld_env.AlfWorldEnv(split="train", n_games=6, think=False).reset(1)
     assert sys.argv == ["train.py", "--iters", "3"]
 
 
 def test_task_type_filter_keeps_only_those_games(splits):
-    every = envs.AlfWorldEnv(split="eval", n_games=6, train_games=6, think=False)
-    types = sorted(envs._game_task_type(f) for f in every.game_files)
-    assert types == sorted(envs.ALFWORLD_TASK_TYPES)          # one game of each type in the small split
-    picked = envs.AlfWorldEnv(split="eval", n_games=6, train_games=6, think=False,
+    every = alfworld_env.AlfWorldEnv(split="eval", n_games=6, train_games=6, think=False)
+    types = sorted(alfworld_env._game_task_type(f) for f in every.game_files)
+    assert types == sorted(alfworld_env.ALFWORLD_TASK_TYPES)          # one game of each type in the small split
+    picked = alfworld_env.AlfWorldEnv(split="eval", n_games=6, train_games=6, think=False,
                               task_types=("pick_and_place", "pick_cool_then_place"))
     assert picked.num_tasks() == 2
     assert {picked.reset(i)[1]["task_type"] for i in range(2)} == {"pick_and_place", "pick_cool_then_place"}
     with pytest.raises(ValueError, match="unknown ALFWorld task type"):
-        envs.AlfWorldEnv(split="eval", n_games=6, train_games=6, task_types=("pick",))
+        alfworld_env.AlfWorldEnv(split="eval", n_games=6, train_games=6, task_types=("pick",))

@@ -57,7 +57,7 @@ def model_and_samples(tmp_path):
 def test_two_processes_with_uneven_shares_stay_in_step_and_match_one_process(model_and_samples, tmp_path,
                                                                              small_cache):
     from accelerate import Accelerator
-    from envs import make_env
+    from environments import make_env
 
     folder, samples = model_and_samples
     make_env("search", split="train")  # build the generated QA data once, before two processes race for it

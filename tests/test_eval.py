@@ -124,7 +124,7 @@ def test_expert_policy_still_wins(env_name):
 def tiny_folder(tmp_path_factory):
     """A random-initialised tiny model (it never wins, but exercises the whole model path)."""
     import policy
-    from envs import make_env
+    from environments import make_env
     env = make_env("search", split="train", think=False, history_length=4, max_steps=2)
     texts = []
     for i in range(6):

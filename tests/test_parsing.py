@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+import alfworld_env
 import envs
 from envs import parse_response
 
@@ -103,7 +104,7 @@ def test_too_long_action_is_invalid():
 # ---- prompt template ------------------------------------------------------------------------
 
 def make(small_cache, **kw):
-    return envs.AlfWorldEnv(split="eval", n_games=6, train_games=6, **kw)
+    return alfworld_env.AlfWorldEnv(split="eval", n_games=6, train_games=6, **kw)
 
 
 def test_template_first_step(small_cache):

@@ -525,7 +525,7 @@ def test_damaged_metrics_lines_are_kept_aside_not_crashing(tmp_path):
 @pytest.mark.parametrize("name,kwargs", [("alfworld", dict(n_games=6, train_games=6)), ("webshop", {}),
                                          ("search", {})])
 def test_step_before_reset_is_a_clear_error(name, kwargs):
-    from envs import make_env
+    from environments import make_env
     env = make_env(name, split="train", think=False, **kwargs)
     with pytest.raises(RuntimeError, match=r"step\(\) called before reset\(task_index\)"):
         env.step("<action>look</action>")

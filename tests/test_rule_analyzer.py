@@ -199,7 +199,7 @@ def test_rule_based_through_the_runner():
 
 
 # ---------------------------------------------------------------------------------------------
-# Real ALFWorld games (envs.AlfWorldEnv on games worlds.py generates): expert and random play
+# Real ALFWorld games (alfworld_env.AlfWorldEnv on games worlds.py generates): expert and random play
 # ---------------------------------------------------------------------------------------------
 
 def _play(env, task_index: int, policy) -> S.TrajectoryView:
@@ -221,8 +221,8 @@ def _play(env, task_index: int, policy) -> S.TrajectoryView:
 def test_rule_based_skills_on_real_alfworld_games():
     import random
 
-    import envs
-    env = envs.AlfWorldEnv(split="train", n_games=6, max_steps=30, think=False)
+    import alfworld_env
+    env = alfworld_env.AlfWorldEnv(split="train", n_games=6, max_steps=30, think=False)
     rng = random.Random(0)
 
     def expert(e):

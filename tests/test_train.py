@@ -180,7 +180,7 @@ def test_bad_values_are_rejected_with_a_clear_message():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from envs import make_env
+    from environments import make_env
     texts = []
     for name, kw in [("alfworld", dict(n_games=6, train_games=6)), ("webshop", {}), ("search", {})]:
         env = make_env(name, split="train", think=False, **kw)
@@ -457,7 +457,7 @@ def test_warmup_learning_rate_reaches_the_update(model_dir, tmp_path):
 
 def test_evaluation_progress_bar_counts_episodes_on_a_terminal_only(model_dir, monkeypatch):
     import io
-    from envs import make_env
+    from environments import make_env
 
     class Terminal(io.StringIO):
         def isatty(self):

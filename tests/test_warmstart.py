@@ -101,8 +101,8 @@ def test_a_cached_agent_is_reused_only_for_the_current_recipe(tmp_path, monkeypa
 def test_cloned_examples_do_not_depend_on_the_validity_rule(env_name, monkeypatch):
     """The noisy expert only takes admissible actions, so format-only validity (the default) and
     the admissible-only rule give the same cloning data, hinted copies included."""
-    import envs
+    import environments
     format_only = warmstart.demonstrations(env_name, episodes=3, noise=0.3, hint_share=0.5, seed=0)
-    monkeypatch.setattr(warmstart, "make_env", lambda name, **kw: envs.make_env(name, validity="admissible", **kw))
+    monkeypatch.setattr(warmstart, "make_env", lambda name, **kw: environments.make_env(name, validity="admissible", **kw))
     admissible_only = warmstart.demonstrations(env_name, episodes=3, noise=0.3, hint_share=0.5, seed=0)
     assert format_only == admissible_only and any("Skill" in p for p, _ in format_only)
