@@ -248,7 +248,8 @@ def flag_config(args):
     import train
     cfg = train.Config(env=args.env, model=args.model or str(args.checkpoint), think=args.think,
                        history_length=args.history_length, max_steps=args.max_steps,
-                       max_new_tokens=args.max_new_tokens, alfworld_games=args.n_games or 0)
+                       max_new_tokens=args.max_new_tokens, alfworld_games=args.n_games or 0,
+                       alfworld_world=args.world)
     return train.resolve_defaults(cfg)
 
 
@@ -316,6 +317,8 @@ def evaluate_baseline(args) -> tuple[dict, str, list[dict], dict]:
     for key in ("max_steps", "history_length", "n_games"):
         if getattr(args, key):
             kwargs[key] = getattr(args, key)
+    if env_name == "alfworld":
+        kwargs["world"] = args.world
     summaries, records = [], {}
     for seed in args.seeds:
         policy = expert_policy(think) if args.policy == "expert" else random_policy(think, seed)
@@ -564,6 +567,8 @@ def main(argv=None) -> dict:
     env.add_argument("--history-length", type=int, default=None, help="H (env default; tiny: TINY_HISTORY)")
     env.add_argument("--n-games", "--alfworld-games", dest="n_games", type=int, default=None,
                      help="generated ALFWorld split size (default 240 train / 60 eval)")
+    env.add_argument("--world", "--alfworld-world", dest="world", default="small", choices=["small", "full"],
+                     help="generated ALFWorld world size (worlds.WORLDS; default small)")
     env.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
                      help="template with <think> (default: on, off for --model tiny)")
     dec = parser.add_argument_group("decoding and seeds")

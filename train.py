@@ -58,7 +58,7 @@ class Config:
     env: str = arg("alfworld", "environment: alfworld | webshop | search")
     tasks_per_batch: int = arg(2, "B: task groups per iteration (CPU-sized; the paper: 16, search 128)")
     group_size: int = arg(4, "N: rollouts per task, the GRPO group (CPU-sized; the paper: 8)")
-    max_steps: int | None = arg(None, "max environment steps per episode (alfworld 30, webshop 15, search 4)")
+    max_steps: int | None = arg(None, "max environment steps per episode (alfworld 20 small / 30 full world, webshop 15, search 4)")
     history_length: int | None = arg(None, "H: past (observation, action) pairs in the prompt (5 / 2 / 4)")
     think: bool | None = arg(None, "ask for <think> reasoning before the action (default: off for tiny, on otherwise)")
     invalid_penalty: float | None = arg(None, "score penalty per invalid step (0.1 / 0.1 / 0.01)")
@@ -69,6 +69,7 @@ class Config:
     qa_corpus: str = arg("", "search QA: JSONL corpus {id,title,contents} for BM25 (default: the generated one)")
     alfworld_games: int = arg(0, "generated ALFWorld games per split (0: 240 train / 60 eval; small = quick tests)")
     alfworld_task_types: str = arg("", "comma-separated ALFWorld task types to train and evaluate on (empty: all six)")
+    alfworld_world: str = arg("small", "generated ALFWorld world size: small (4-6 receptacles, 20 steps) | full (8-30, 30)")
     # --- model ---
     model: str = arg("tiny", "tiny | smollm2 | a Hugging Face hub id | a local model folder")
     lora_rank: int = arg(0, "LoRA rank (0: full fine-tuning); the KL reference is then the adapter-free base")
@@ -141,6 +142,12 @@ def resolve_defaults(cfg: Config) -> Config:
         if cfg.env != "alfworld" or not wanted or not set(wanted) <= set(ALFWORLD_TASK_TYPES):
             raise SystemExit(f"--alfworld-task-types takes a comma-separated subset of {ALFWORLD_TASK_TYPES} "
                              f"with --env alfworld, got {cfg.alfworld_task_types!r}")
+    if cfg.env == "alfworld":
+        import worlds
+        if cfg.alfworld_world not in worlds.WORLDS:
+            raise SystemExit(f"--alfworld-world must be one of {sorted(worlds.WORLDS)}, got {cfg.alfworld_world!r}")
+        if cfg.max_steps is None:
+            cfg.max_steps = worlds.WORLDS[cfg.alfworld_world]["max_steps"]
     tiny = cfg.model == "tiny"
     if tiny:
         import warmstart
@@ -223,6 +230,8 @@ def env_kwargs(cfg: Config) -> dict:
         kwargs.update(n_games=cfg.alfworld_games, train_games=cfg.alfworld_games)
     if cfg.env == "alfworld" and cfg.alfworld_task_types:
         kwargs.update(task_types=alfworld_task_types(cfg))
+    if cfg.env == "alfworld":
+        kwargs.update(world=cfg.alfworld_world)
     if cfg.env == "webshop" and cfg.webshop_backend != "sim":
         kwargs.update(backend=cfg.webshop_backend)
     if cfg.env == "search":
