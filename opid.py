@@ -1,16 +1,18 @@
 """The math of OPID and its baselines, as small pure functions over tensors.
 
-Every formula of OPID_SPEC.md §2, §3, §7, §8 and §10 is one function here, named after the
-quantity it computes. Shapes: S = step-samples (one per (prompt, response) of an environment
-step), L = padded response length; `mask` is 1.0 on real response tokens, 0.0 on padding.
+Every formula of docs/method.md §2, §3, §7, §8 and §10 (the paper: arXiv 2606.26790) is one
+function here, named after the quantity it computes. Shapes: S = step-samples (one per (prompt,
+response) of an environment step), L = padded response length; `mask` is 1.0 on real response
+tokens, 0.0 on padding.
 
 Worked example (also checked in tests/test_opid.py). One group (uid 0) of two trajectories:
-trajectory a won in 2 steps (score 10), trajectory b failed in 1 step with 1 invalid action
-(score 0 - 0.1 = -0.1). The group's step-samples carry scores [10, 10, -0.1]: a counts once per
-step ("cross-step" statistics), so μ = 6.633…, σ (unbiased) = 5.831…, and the outcome advantage
-is [0.577, 0.577, -1.155], broadcast to every response token of each step. If a step skill raises
-the old policy's log-prob of a's second-step tokens from [-2.0, -0.5] to [-1.0, -0.5], then
-Δ = [1.0, 0.0] and, with w_step = 0.001, those tokens get A = [0.578, 0.577].
+trajectory a won in 2 steps (reward 10), trajectory b failed in 1 step whose action was invalid.
+The invalid-action penalty (0.1) lands on b's step alone, so the group's step-samples carry scores
+S = [10, 10, -0.1]: a counts once per step ("cross-step" statistics), μ = 6.633…, σ (unbiased,
+torch.std) = 5.831…, and the outcome advantage is [0.577, 0.577, -1.155], broadcast to every
+response token of each step. If a step skill raises the old policy's log-prob of a's second-step
+tokens from [-2.0, -0.5] to [-1.0, -0.5], then Δ = [1.0, 0.0] and, with w_step = 0.001, those
+tokens get A = [0.578, 0.577].
 """
 from __future__ import annotations
 
@@ -30,9 +32,36 @@ def discounted_returns(rewards: list[float], gamma: float = 0.95) -> list[float]
     return returns
 
 
+def step_scores(episode_reward: float, step_valid: list[bool], invalid_penalty: float,
+                scope: str = "step") -> list[float]:
+    """docs/method.md §2–§3 (arXiv 2606.26790): the score S_i of each step-sample of one trajectory.
+
+    scope "step" (default, the authors' `apply_invalid_action_penalty`): S_i = R_τ − coef·[step i
+    invalid] — the penalty lands on the invalid step's own sample, the other steps keep R_τ.
+    scope "trajectory" (ablation): every step gets R_τ − coef·(number of invalid steps).
+    step_valid: one flag per step, in order; coef = 0.1 ALFWorld/WebShop, 0.01 search.
+    """
+    if scope == "step":
+        return [episode_reward - invalid_penalty * (not valid) for valid in step_valid]
+    if scope == "trajectory":
+        return [trajectory_score(episode_reward, sum(not v for v in step_valid), invalid_penalty)] * len(step_valid)
+    raise ValueError(f"unknown penalty scope {scope!r}: use 'step' or 'trajectory'")
+
+
 def trajectory_score(episode_reward: float, num_invalid_steps: int, invalid_penalty: float) -> float:
-    """§2: S_τ = episode reward − penalty per invalid step (0.1 ALFWorld/WebShop, 0.01 search)."""
+    """docs/method.md §2 (ablation "trajectory"): S_τ = R_τ − coef·(number of invalid steps)."""
     return episode_reward - invalid_penalty * num_invalid_steps
+
+
+def step_returns(rewards: list[float], step_valid: list[bool], gamma: float, invalid_penalty: float) -> list[float]:
+    """docs/method.md §2, §10 (arXiv 2606.26790): GiGPO's step return of each step of one trajectory.
+
+    G_t = Σ_{u≥t} γ^(u−t) r_u over the environment rewards, then − coef·[step t invalid]: as in the
+    authors' code, the penalty is taken off the invalid step's own return after discounting, so it
+    does not leak into the returns of earlier steps.
+    """
+    returns = discounted_returns(rewards, gamma)
+    return [g - invalid_penalty * (not valid) for g, valid in zip(returns, step_valid)]
 
 
 # ---------------------------------------------------------------------------------------------

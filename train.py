@@ -62,6 +62,7 @@ class Config:
     history_length: int | None = arg(None, "H: past (observation, action) pairs in the prompt (5 / 2 / 4)")
     think: bool | None = arg(None, "ask for <think> reasoning before the action (default: off for tiny, on otherwise)")
     invalid_penalty: float | None = arg(None, "score penalty per invalid step (0.1 / 0.1 / 0.01)")
+    penalty_scope: str = arg("step", "where the invalid penalty lands: step (the invalid step's sample, as the authors) | trajectory (every step, ablation)")
     webshop_backend: str = arg("sim", "WebShop: sim (offline simulator) | official (web_agent_site, see webshop.py)")
     search_retriever: str = arg("bm25", "search QA: bm25 (in-process over the corpus) | server (Search-R1 /retrieve)")
     retrieval_url: str = arg("http://127.0.0.1:8000/retrieve", "search QA: retrieval server address")
@@ -132,6 +133,8 @@ def resolve_defaults(cfg: Config) -> Config:
         raise SystemExit(f"--routing must be one of {ROUTINGS}, got {cfg.routing!r}")
     if cfg.critical_steps not in ("analyzer", "statistics"):
         raise SystemExit("--critical-steps must be analyzer or statistics")
+    if cfg.penalty_scope not in ("step", "trajectory"):
+        raise SystemExit(f"--penalty-scope must be step or trajectory, got {cfg.penalty_scope!r}")
     if cfg.eval_split not in ("eval", "train"):
         raise SystemExit(f"--eval-split must be eval or train, got {cfg.eval_split!r}")
     if cfg.tasks_per_batch < 1 or cfg.group_size < 1 or cfg.iters < 0:
@@ -249,14 +252,19 @@ def trajectory_views(trajs: list[rollout.Trajectory], gamma: float, penalty: flo
     """The text of each finished trajectory as the analyzer reads it (§4): no token ids, no hidden state."""
     views = []
     for t in trajs:
-        rewards = [s.reward - penalty * (not s.valid) for s in t.samples]
-        returns = opid.discounted_returns(rewards, gamma)
+        returns = opid.step_returns([s.reward for s in t.samples], [s.valid for s in t.samples], gamma, penalty)
         steps = [skills.StepView(index=s.step, observation=s.observation, response=s.response_text,
                                  action=s.action, valid=s.valid, reward=s.reward, discounted_return=g)
                  for s, g in zip(t.samples, returns)]
         views.append(skills.TrajectoryView(env_name=t.env_name, task=t.task, task_type=t.task_type,
                                            won=t.won, episode_reward=t.episode_reward, steps=steps))
     return views
+
+
+def sample_scores(trajs: list[rollout.Trajectory], penalty: float, scope: str) -> torch.Tensor:
+    """§2–§3: the score S_i of every step-sample, trajectories in order (see opid.step_scores)."""
+    return torch.tensor([score for t in trajs
+                         for score in opid.step_scores(t.episode_reward, [s.valid for s in t.samples], penalty, scope)])
 
 
 def padded(rows: list[list[float]] | list[torch.Tensor], length: int) -> torch.Tensor:
@@ -414,14 +422,13 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
     the no-grad passes; `reference` the frozen KL reference (None with LoRA: adapter disabled);
     `skill_bank` (Skill-GRPO only) is updated in place.
     """
-    # 2. Trajectory records: scores S_τ, per-sample tensors.
+    # 2. Trajectory records: scores S_i (the invalid penalty on the invalid step's own sample), tensors.
     samples = [s for t in trajs for s in t.samples]
     traj_of = [t for t in trajs for _ in t.samples]
     length = max(len(s.response_ids) for s in samples)
     mask = padded([[1.0] * len(s.response_ids) for s in samples], length)
     old = padded([s.old_logprobs for s in samples], length)
-    scores = torch.tensor([opid.trajectory_score(t.episode_reward, t.num_invalid, cfg.invalid_penalty)
-                           for t in traj_of])
+    scores = sample_scores(trajs, cfg.invalid_penalty, cfg.penalty_scope)
     group_ids = torch.tensor([s.uid for s in samples])
 
     # 3. Skills from the finished trajectories (analyzer threads run while we do the reference pass).

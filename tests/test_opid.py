@@ -1,4 +1,4 @@
-"""Hand-computed checks of every formula in opid.py (OPID_SPEC §2, §3, §7, §8, §10)."""
+"""Hand-computed checks of every formula in opid.py (docs/method.md §2, §3, §7, §8, §10)."""
 import math
 
 import pytest
@@ -20,9 +20,44 @@ def test_discounted_returns_and_score():
     assert opid.trajectory_score(0.0, 3, 0.01) == pytest.approx(-0.03)
 
 
+def test_step_scores_penalise_the_invalid_step_only_by_default():
+    assert opid.step_scores(10.0, [True, False, True], 0.1) == pytest.approx([10.0, 9.9, 10.0])
+    assert opid.step_scores(0.0, [False, False], 0.01) == pytest.approx([-0.01, -0.01])
+    # the ablation spreads the trajectory's total penalty over every step
+    assert opid.step_scores(10.0, [True, False, False], 0.1, "trajectory") == pytest.approx([9.8, 9.8, 9.8])
+    assert opid.step_scores(1.0, [], 0.1) == []
+    with pytest.raises(ValueError, match="unknown penalty scope"):
+        opid.step_scores(1.0, [True], 0.1, "episode")
+
+
+def test_invalid_penalty_worked_example_per_step_vs_trajectory_wide():
+    # Two failed 10-step trajectories of one group; trajectory b has one invalid step (its 4th).
+    valid_a, valid_b = [True] * 10, [True] * 3 + [False] + [True] * 6
+    groups = torch.zeros(20, dtype=torch.long)
+    # Per step (default): 19 samples at 0, one at -0.1. μ = -0.005; deviations -0.095 and +0.005;
+    # unbiased σ = sqrt((0.095² + 19·0.005²)/19) = sqrt(0.0005) = 0.022361 (population σ would be
+    # 0.021794 and give -4.359/+0.229); ε = 1e-6: -0.095/0.022362 = -4.2484, 0.005/0.022362 = 0.2236.
+    scores = torch.tensor(opid.step_scores(0.0, valid_a, 0.1) + opid.step_scores(0.0, valid_b, 0.1))
+    adv = opid.outcome_advantage(scores, groups, "mean_std_norm", eps=1e-6)
+    close(adv[13], -4.2484)
+    close(torch.cat([adv[:13], adv[14:]]), [0.22360] * 19)
+    # Trajectory-wide (ablation): 10 samples at 0, 10 at -0.1. μ = -0.05, deviations ±0.05,
+    # unbiased σ = sqrt(20·0.0025/19) = 0.051299: ±0.97468 on every step of each trajectory.
+    scores = torch.tensor(opid.step_scores(0.0, valid_a, 0.1, "trajectory")
+                          + opid.step_scores(0.0, valid_b, 0.1, "trajectory"))
+    adv = opid.outcome_advantage(scores, groups, "mean_std_norm", eps=1e-6)
+    close(adv, [0.97468] * 10 + [-0.97468] * 10)
+
+
+def test_step_returns_take_the_penalty_off_the_invalid_step_after_discounting():
+    # rewards [0, 0, 10], step 1 invalid: G = [9.025, 9.5, 10] then -0.1 on step 1 only
+    assert opid.step_returns([0.0, 0.0, 10.0], [True, False, True], 0.95, 0.1) == pytest.approx([9.025, 9.4, 10.0])
+    assert opid.step_returns([0.0, 0.0], [False, True], 0.95, 0.1) == pytest.approx([-0.1, 0.0])
+
+
 def test_outcome_advantage_worked_example_mean_std_norm():
-    # Module docstring: trajectory a (won, 2 steps, score 10), b (failed, 1 invalid step, -0.1).
-    scores = torch.tensor([10.0, 10.0, -0.1])
+    # Module docstring: trajectory a (won, 2 steps, scores 10), b (failed, 1 invalid step, -0.1).
+    scores = torch.tensor(opid.step_scores(10.0, [True, True], 0.1) + opid.step_scores(0.0, [False], 0.1))
     groups = torch.tensor([0, 0, 0])
     # μ = 6.6333, deviations 3.3667, 3.3667, -6.7333, unbiased σ = sqrt(68.0067/2) = 5.8315
     close(opid.outcome_advantage(scores, groups, "mean_std_norm"), [0.57735, 0.57735, -1.15470])

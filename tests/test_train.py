@@ -122,6 +122,26 @@ def test_format_token_mask_marks_tags_and_end_of_turn(tiny):
     assert fmt[len(ids):].sum() == 0  # padding is never a format token
 
 
+def fake_trajectory(traj_uid, rewards, valids, episode_reward):
+    samples = [rollout.Sample(uid=0, traj_uid=traj_uid, step=t, prompt_text="", prompt_ids=[1], response_ids=[2],
+                              old_logprobs=[-1.0], response_text="", action="look", valid=v, invalid_reason="",
+                              observation=f"obs {t}", reward=r, privileged="")
+               for t, (r, v) in enumerate(zip(rewards, valids))]
+    return rollout.Trajectory(uid=0, traj_uid=traj_uid, task_index=0, task="t", task_type="pick", env_name="alfworld",
+                              samples=samples, won=episode_reward > 0, episode_reward=episode_reward)
+
+
+def test_scores_and_step_returns_put_the_penalty_on_the_invalid_step():
+    trajs = [fake_trajectory(0, [0.0, 0.0, 10.0], [True, False, True], 10.0),
+             fake_trajectory(1, [0.0, 0.0], [False, True], 0.0)]
+    close = lambda a, b: torch.testing.assert_close(a, torch.tensor(b), atol=1e-6, rtol=0)  # noqa: E731
+    close(train.sample_scores(trajs, 0.1, "step"), [10.0, 9.9, 10.0, -0.1, 0.0])
+    close(train.sample_scores(trajs, 0.1, "trajectory"), [9.9, 9.9, 9.9, -0.1, -0.1])
+    views = train.trajectory_views(trajs, 0.95, 0.1)
+    returns = [s.discounted_return for v in views for s in v.steps]
+    assert returns == pytest.approx([9.025, 9.4, 10.0, -0.1, 0.0])  # γ-discounted, then −0.1 on the invalid step
+
+
 def test_config_help_lists_every_field():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
     for field in train.dataclasses.fields(train.Config):
@@ -133,7 +153,8 @@ def test_bad_values_are_rejected_with_a_clear_message():
                           (["--routing", "random"], "--routing must be one of"),
                           (["--alfworld-task-types", "pick"], "--alfworld-task-types takes"),
                           (["--env", "search", "--alfworld-task-types", "pick_and_place"], "--alfworld-task-types takes"),
-                          (["--eval-split", "test"], "--eval-split must be eval or train")]:
+                          (["--eval-split", "test"], "--eval-split must be eval or train"),
+                          (["--penalty-scope", "episode"], "--penalty-scope must be step or trajectory")]:
         with pytest.raises(SystemExit, match=message):
             train.resolve_defaults(train.parse_config(argv))
 
