@@ -197,7 +197,7 @@ def load_model(cfg: Config, device: torch.device, checkpoint: Path | None = None
     name = cfg.model
     if name == "tiny":
         import warmstart
-        name = str(warmstart.tiny_agent_folder(cfg.env))
+        name = str(warmstart.tiny_agent_folder(cfg.env, world=cfg.alfworld_world if cfg.env == "alfworld" else None))
     model, tokenizer = policy.load_policy(
         name, device=str(device), lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         lora_target_modules=cfg.lora_target_modules.split(","),

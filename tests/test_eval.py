@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import eval as ev
+import warmstart
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -130,8 +131,8 @@ def tiny_folder(tmp_path_factory):
     for i in range(6):
         env.reset(i)
         texts += [env.prompt(), env.expert_action()]
-    tokenizer = policy.train_tiny_tokenizer(texts, vocab_size=1024)
-    model = policy.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128)
+    tokenizer = warmstart.train_tiny_tokenizer(texts, vocab_size=1024)
+    model = warmstart.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128)
     return policy.save_policy(model, tokenizer, tmp_path_factory.mktemp("tiny") / "model")
 
 

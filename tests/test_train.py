@@ -14,6 +14,7 @@ import policy
 import rollout
 import skills
 import train
+import warmstart
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("You are an agent in a small test world.\n"
@@ -28,8 +29,8 @@ PROMPT = ("You are an agent in a small test world.\n"
 def tiny():
     torch.manual_seed(0)
     texts = [PROMPT, "<action>take mug 1 from countertop 1</action>", "Critical-Step Skill Episode-Level Skill"] * 3
-    tokenizer = policy.train_tiny_tokenizer(texts, vocab_size=400)
-    model = policy.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128)
+    tokenizer = warmstart.train_tiny_tokenizer(texts, vocab_size=400)
+    model = warmstart.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128)
     model.eval()
     return model, tokenizer
 
@@ -176,8 +177,8 @@ def model_dir(tmp_path_factory):
             texts.append(env.prompt())
     texts += ["<action>go to cabinet 1</action>", "<search>who</search>", "<answer>x</answer>", "click[buy now]"]
     torch.manual_seed(0)
-    tokenizer = policy.train_tiny_tokenizer(texts, vocab_size=1024)
-    model = policy.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128)
+    tokenizer = warmstart.train_tiny_tokenizer(texts, vocab_size=1024)
+    model = warmstart.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128)
     folder = tmp_path_factory.mktemp("model") / "tiny-random"
     policy.save_policy(model, tokenizer, folder)
     return folder

@@ -1,4 +1,6 @@
 """The tiny agent's cloning data: expert targets, and hinted copies in OPID's injection format."""
+import pytest
+
 import warmstart
 
 
@@ -40,7 +42,7 @@ def test_the_tiny_response_budget_fits_every_cloned_target():
     import train
     for env_name in ("webshop", "search"):
         examples = warmstart.demonstrations(env_name, episodes=40, noise=0.3, hint_share=0.0, seed=0)
-        tokenizer = policy.train_tiny_tokenizer([p for p, _ in examples[:200]] + [r for _, r in examples])
+        tokenizer = warmstart.train_tiny_tokenizer([p for p, _ in examples[:200]] + [r for _, r in examples])
         longest = max(len(tokenizer.encode(r, add_special_tokens=False)) + 1 for _, r in examples)
         budget = train.resolve_defaults(train.Config(env=env_name)).max_new_tokens
         assert budget == warmstart.TINY_MAX_NEW_TOKENS[env_name]
@@ -57,7 +59,7 @@ def test_spaced_targets_keep_the_prompt_token_of_a_copied_name():
     assert warmstart.respond(None, "go to shelf 1", spaced=True) == "<action> go to shelf 1 </action>"
     assert warmstart.respond(None, "go to shelf 1") == "<action>go to shelf 1</action>"  # the default is unchanged
     question = "In what year was Rilbrir Bemstund born?"
-    tokenizer = policy.train_tiny_tokenizer([question, "Rilbrir Bemstund", "<search>Rilbrir"] * 20)
+    tokenizer = warmstart.train_tiny_tokenizer([question, "Rilbrir Bemstund", "<search>Rilbrir"] * 20)
     name = tokenizer.encode(" Rilbrir", add_special_tokens=False)
     in_question = tokenizer.encode(question, add_special_tokens=False)
     spaced = tokenizer.encode(warmstart.respond(None, "<search>Rilbrir Bemstund born</search>", spaced=True),
@@ -93,3 +95,48 @@ def test_a_cached_agent_is_reused_only_for_the_current_recipe(tmp_path, monkeypa
     assert not warmstart.cached_agent_is_current(folder, "search")
     monkeypatch.setitem(warmstart.RECIPES, "search", {**base, "expert_version": 2})  # a new expert
     assert not warmstart.cached_agent_is_current(folder, "search")
+
+
+def test_action_hint_copies_name_the_expert_action(small_cache):
+    import re
+
+    import rule_analyzer
+    import skills
+    examples = warmstart.demonstrations("alfworld", episodes=2, noise=0.3, hint_share=0.0, seed=0,
+                                        world="small", action_hint_share=1.0)
+    plain = [(p, r) for p, r in examples if skills.STEP_TITLE not in p]
+    hinted = [(p, r) for p, r in examples if skills.STEP_TITLE in p]
+    assert len(plain) == len(hinted) > 0           # share 1: one hinted copy of every step, right after it
+    for (prompt, target), (hinted_prompt, hinted_target) in zip(plain, hinted):
+        assert hinted_target == target
+        action = re.fullmatch(r"<action>(.*)</action>", target).group(1)
+        assert hinted_prompt == skills.inject_skills(prompt, None, rule_analyzer.step_hint_for_action(action))
+    # a share of 0 draws nothing more from the random stream: the earlier recipes rebuild as they were
+    assert warmstart.demonstrations("alfworld", 2, 0.3, 0.5, seed=0, world="small") == \
+        warmstart.demonstrations("alfworld", 2, 0.3, 0.5, seed=0, world="small", action_hint_share=0.0)
+
+
+def test_label_smoothing_of_the_response_loss_by_hand():
+    import math
+
+    import torch
+
+    from policy import pad_batch
+
+    class ConstantLogits(torch.nn.Module):
+        """Every position predicts p = (1/4, 1/4, 1/2) over a 3-token vocabulary."""
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, **kwargs):
+            logits = torch.tensor([0.0, 0.0, math.log(2.0)]).expand(*input_ids.shape, 3) + self.weight
+            return type("Out", (), {"logits": logits})()
+
+    batch = pad_batch([[1]], [[2, 0]], pad_id=0)      # response tokens 2 (p = 1/2) and 0 (p = 1/4)
+    plain, _ = warmstart.clone_losses(ConstantLogits(), batch)
+    smoothed, _ = warmstart.clone_losses(ConstantLogits(), batch, label_smoothing=0.1)
+    ln2 = math.log(2.0)
+    assert plain.item() == pytest.approx(1.5 * ln2)                    # (ln 2 + ln 4) / 2
+    # 0.9 · NLL + 0.1 · mean_v(−log p_v) = 0.9 · 1.5 ln 2 + 0.1 · (ln 4 + ln 4 + ln 2) / 3
+    assert smoothed.item() == pytest.approx(0.9 * 1.5 * ln2 + 0.1 * 5 * ln2 / 3)
