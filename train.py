@@ -634,7 +634,34 @@ def main(cfg: Config) -> Path:
     if state["updates"] == cfg.iters:
         evaluate("end")
     log(f"done: {run_dir}")
+    if accelerator.is_main_process and cfg.eval_episodes > 0:
+        log(before_after_table(load_metrics(metrics_path, state["updates"]), cfg.eval_episodes, num_eval_tasks,
+                               cfg.eval_split, run_dir))
     return run_dir
+
+
+def before_after_table(records: list[dict], episodes: int, games: int | None, split: str, run_dir: Path) -> str:
+    """The run's first and last evaluation side by side: success ± its standard error
+    sqrt(p(1 − p)/n) over the n evaluation episodes, the invalid-action rate, and where the
+    metrics are. The change's error treats the two evaluations as independent samples."""
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not evals:
+        return f"no evaluation in {run_dir / 'metrics.jsonl'}"
+    first, last = evals[0], evals[-1]
+    def error(p: float) -> float:
+        return (p * (1 - p) / episodes) ** 0.5
+    lines = [f"{split} split: {episodes} episodes over {games or '?'} games per evaluation (success ± standard error)",
+             f"{'':8}{'updates':>8}{'env steps':>11}{'success':>18}{'invalid rate':>14}"]
+    for tag, r in (("start", first), ("end", last)):
+        p = r["eval/success_rate"]
+        lines.append(f"{tag:8}{r['updates']:>8}{r['env_steps']:>11}{f'{p:.3f} ± {error(p):.3f}':>18}"
+                     f"{r['eval/invalid_rate']:>14.3f}")
+    change = last["eval/success_rate"] - first["eval/success_rate"]
+    spread = (error(first["eval/success_rate"]) ** 2 + error(last["eval/success_rate"]) ** 2) ** 0.5
+    lines.append(f"{'change':8}{'':19}{f'{change:+.3f} ± {spread:.3f}':>18}"
+                 f"{last['eval/invalid_rate'] - first['eval/invalid_rate']:>+14.3f}")
+    lines.append(f"metrics: {run_dir / 'metrics.jsonl'}   curves: python eval.py --compare {run_dir} --plot curves.png")
+    return "\n".join(lines)
 
 
 def skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, routed_ep, routed_st,

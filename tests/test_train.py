@@ -313,3 +313,18 @@ def test_first_ppo_ratio_is_one_at_the_rollout_temperature(tiny, temperature):
     assert stats["clipfrac"] == 0
     assert stats["pg_loss"] == pytest.approx(-(advantages.sum() / mask.sum()).item(), abs=1e-5)
     assert stats["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_before_after_table_by_hand(tmp_path):
+    records = [{"kind": "eval", "updates": 0, "env_steps": 0, "eval/success_rate": 0.2, "eval/invalid_rate": 0.4},
+               {"kind": "train", "updates": 1},
+               {"kind": "eval", "updates": 5, "env_steps": 1234, "eval/success_rate": 0.3, "eval/invalid_rate": 0.25}]
+    table = train.before_after_table(records, 60, 60, "eval", tmp_path)
+    lines = table.splitlines()
+    assert "60 episodes over 60 games" in lines[0]
+    # standard errors sqrt(.2·.8/60) = 0.0516, sqrt(.3·.7/60) = 0.0592; change ± sqrt(0.0516² + 0.0592²) = 0.0785
+    assert lines[2].split()[:5] == ["start", "0", "0", "0.200", "±"] and "0.052" in lines[2] and "0.400" in lines[2]
+    assert lines[3].split()[:4] == ["end", "5", "1234", "0.300"] and "0.059" in lines[3] and "0.250" in lines[3]
+    assert "+0.100 ± 0.079" in lines[4] and "-0.150" in lines[4]
+    assert str(tmp_path / "metrics.jsonl") in lines[5]
+    assert "no evaluation" in train.before_after_table(records[1:2], 60, 60, "eval", tmp_path)
