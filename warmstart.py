@@ -5,21 +5,30 @@ never wins an episode, so RL would have nothing to work with. Like an instruct m
 agent should start weak but not hopeless, and — the part OPID relies on — it should *read hints
 in its prompt*, the stand-in for the instruction following a real LLM brings.
 
-Recipe (deterministic, cached under cache_dir("models", "tiny-<env>-v<N>")):
+Recipe (deterministic; kept in the repository under agents/ when built with `--keep`, otherwise
+cached under cache_dir("models", "tiny-<env>[-small]-v<N>")):
 1. Play the train split with a noisy expert (the expert's action, or with probability
    `noise` a random admissible one); every step's target is the EXPERT's action at that state.
 2. Analyze each of these episodes with the same rule-based analyzer the trainer uses and, for a
    share of the steps, also emit a copy of the example whose prompt carries the routed skill in
    the exact OPID injection format (§5–§6). The target stays the expert's action: a workflow or a
-   "take X now" hint points at it, an avoidance rule warns against the noisy detour.
+   "take X now" hint points at it, an avoidance rule warns against the noisy detour. With
+   `action_hint_share`, a share of the steps also gets a copy whose step block names the expert's
+   action outright, so the agent learns to act on a hint: OPID's teacher is this agent with a hint.
 3. Train a byte-level BPE tokenizer on this text, build the model, and clone. The loss also
    models the prompt tokens (`prompt_loss_weight`): a model this small, trained from scratch on
    the responses alone, never learned to copy names out of its prompt ("take candle 1" when the
    shelf holds candle 2) and won no ALFWorld game; see README "Models" and "Results".
 Cloning stops well short of the expert on purpose: the agent should leave room for RL.
+
+This module also holds the tiny model itself (tokenizer, construction, cloning loss), so that
+`policy.py` is only the language-model interface every model shares.
+
+    python warmstart.py alfworld --keep      # rebuild the kept ALFWorld agent (one thread, same bits)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -47,8 +56,10 @@ RECIPE_DEFAULTS = dict(
     label_smoothing=0.0,    # of the response loss: a less certain agent explores in its rollouts
 )
 RECIPES = {
-    "alfworld": dict(episodes=120, noise=0.3, hint_share=0.5, epochs=6, max_examples=4000, prompt_loss_weight=1.0,
-                     world="small"),
+    # small worlds; every train game once; half the steps also cloned with the hint naming the expert's
+    # action; 3 epochs instead of 6 (README "Models")
+    "alfworld": dict(episodes=240, noise=0.3, hint_share=0.5, epochs=3, max_examples=4000, prompt_loss_weight=1.0,
+                     world="small", action_hint_share=0.5),
     # expert v2 buys the first result that scores 1, not the hidden target (README "Results")
     "webshop": dict(episodes=300, noise=0.3, hint_share=0.5, epochs=6, max_examples=2000, prompt_loss_weight=1.0,
                     expert_version=2),
@@ -64,6 +75,9 @@ TINY_HISTORY = {"alfworld": 2, "webshop": 2, "search": 4}
 # ALFWorld and 12 on search QA, but WebShop's first action copies the whole instruction into
 # search[...] (up to 35 tokens, 12 % of all steps above 24); a 24-token cap cut those off.
 TINY_MAX_NEW_TOKENS = {"alfworld": 24, "webshop": 48, "search": 24}
+# Builds kept in the repository (a few MB each), so that a first run needs no warm start; rebuilt
+# bit-identically (one thread, fixed seeds) by `python warmstart.py alfworld --keep`.
+KEPT_AGENTS = Path(__file__).resolve().parent / "agents"
 MODEL_SIZE = dict(hidden_size=128, num_layers=2)
 
 
@@ -156,13 +170,32 @@ def full_recipe(recipe: dict) -> dict:
     return {**RECIPE_DEFAULTS, **recipe}
 
 
+def recipe_hash(recipe: dict) -> str:
+    """sha256 of what a build depends on besides the code's data: the full recipe, model size, VERSION."""
+    text = json.dumps({"recipe": full_recipe(recipe), "model_size": MODEL_SIZE, "version": VERSION}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def agent_name(env_name: str, world: str | None = None) -> str:
+    """Folder name of an agent build, e.g. tiny-alfworld-small-v2 (the full-world one: tiny-alfworld-v2)."""
+    recipe = full_recipe(recipe_for(env_name, world))
+    small = env_name == "alfworld" and recipe["world"] != "full"
+    return f"tiny-{env_name}{'-' + recipe['world'] if small else ''}-v{VERSION}"
+
+
 def tiny_agent_folder(env_name: str, rebuild: bool = False, world: str | None = None) -> Path:
-    """Folder of the warm-started tiny agent for `env_name` (and ALFWorld `world`); built on first use."""
-    recipe = recipe_for(env_name, world)
-    small = env_name == "alfworld" and full_recipe(recipe)["world"] != "full"
-    folder = cache_dir("models") / f"tiny-{env_name}{'-' + recipe['world'] if small else ''}-v{VERSION}"
+    """Folder of the warm-started tiny agent for `env_name` (and ALFWorld `world`).
+
+    A build of the current recipe kept in the repository (`KEPT_AGENTS`, written by
+    `python warmstart.py ENV --keep`) is used as it is; otherwise the agent is built on first use
+    into the cache.
+    """
+    name = agent_name(env_name, world)
+    if not rebuild and cached_agent_is_current(KEPT_AGENTS / name, env_name, world):
+        return KEPT_AGENTS / name
+    folder = cache_dir("models") / name
     if rebuild or not cached_agent_is_current(folder, env_name, world):
-        build_tiny_agent(env_name, folder, recipe)
+        build_tiny_agent(env_name, folder, recipe_for(env_name, world))
     return folder
 
 
@@ -186,8 +219,10 @@ def build_tiny_agent(env_name: str, folder: Path, recipe: dict) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     policy.save_policy(model, tokenizer, tmp)
     (tmp / "warmstart.json").write_text(json.dumps({
-        "env": env_name, "recipe": recipe, "model_size": MODEL_SIZE, "examples": len(examples),
-        "final_loss": losses[-1] if losses else None, "build_seconds": time.perf_counter() - start}, indent=1))
+        "env": env_name, "recipe": recipe, "model_size": MODEL_SIZE, "version": VERSION,
+        "recipe_hash": recipe_hash(recipe), "examples": len(examples), "final_loss": losses[-1] if losses else None,
+        "build_seconds": round(time.perf_counter() - start), "torch": torch.__version__,
+        "weights_sha256": hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()}, indent=1))
     if folder.exists():
         import shutil
         shutil.rmtree(folder)
@@ -329,3 +364,18 @@ def behaviour_clone(model, tokenizer, examples: list[tuple[str, str]], *, epochs
     bar.close()
     model.train(was_training)
     return losses
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Build the warm-started tiny agent of an environment.")
+    parser.add_argument("env", choices=sorted(RECIPES), help="environment")
+    parser.add_argument("--world", choices=["small", "full"], default=None, help="ALFWorld world size (default small)")
+    parser.add_argument("--keep", action="store_true",
+                        help=f"write the build to {KEPT_AGENTS.name}/ (kept in the repository) instead of the cache")
+    args = parser.parse_args()
+    torch.set_num_threads(1)            # one thread: the same machine rebuilds the same bits
+    torch.use_deterministic_algorithms(True)
+    target = (KEPT_AGENTS if args.keep else cache_dir("models")) / agent_name(args.env, args.world)
+    build_tiny_agent(args.env, target, recipe_for(args.env, args.world))
+    print(json.loads((target / "warmstart.json").read_text())["weights_sha256"], target)

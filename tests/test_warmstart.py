@@ -140,3 +140,27 @@ def test_label_smoothing_of_the_response_loss_by_hand():
     assert plain.item() == pytest.approx(1.5 * ln2)                    # (ln 2 + ln 4) / 2
     # 0.9 · NLL + 0.1 · mean_v(−log p_v) = 0.9 · 1.5 ln 2 + 0.1 · (ln 4 + ln 4 + ln 2) / 3
     assert smoothed.item() == pytest.approx(0.9 * 1.5 * ln2 + 0.1 * 5 * ln2 / 3)
+
+
+def test_kept_alfworld_agent_is_a_build_of_the_current_recipe():
+    """The weights kept in the repository are used instead of a build only while they are a build of
+    today's recipe; change the recipe (or MODEL_SIZE, VERSION) and this fails until
+    `python warmstart.py alfworld --keep` has rebuilt them."""
+    import hashlib
+    import json
+    folder = warmstart.KEPT_AGENTS / warmstart.agent_name("alfworld")
+    meta = json.loads((folder / "warmstart.json").read_text())
+    assert meta["recipe_hash"] == warmstart.recipe_hash(warmstart.RECIPES["alfworld"])
+    assert warmstart.full_recipe(meta["recipe"]) == warmstart.full_recipe(warmstart.RECIPES["alfworld"])
+    assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == meta["weights_sha256"]
+    assert warmstart.tiny_agent_folder("alfworld") == folder     # served without a build
+
+
+def test_recipe_hash_changes_with_every_input(monkeypatch):
+    recipe = warmstart.RECIPES["alfworld"]
+    base = warmstart.recipe_hash(recipe)
+    assert warmstart.recipe_hash(dict(recipe)) == base
+    assert warmstart.recipe_hash({**recipe, "epochs": recipe["epochs"] + 1}) != base
+    assert warmstart.recipe_hash({**recipe, "label_smoothing": 0.3}) != base
+    monkeypatch.setattr(warmstart, "MODEL_SIZE", {**warmstart.MODEL_SIZE, "num_layers": 3})
+    assert warmstart.recipe_hash(recipe) != base
