@@ -164,3 +164,17 @@ def test_recipe_hash_changes_with_every_input(monkeypatch):
     assert warmstart.recipe_hash({**recipe, "label_smoothing": 0.3}) != base
     monkeypatch.setattr(warmstart, "MODEL_SIZE", {**warmstart.MODEL_SIZE, "num_layers": 3})
     assert warmstart.recipe_hash(recipe) != base
+
+
+def test_a_build_is_bit_identical_when_repeated(small_cache, tmp_path):
+    """What `python warmstart.py alfworld --keep` relies on, at a small scale: the same recipe builds
+    the same bits (demonstrations, tokenizer, initialisation and cloning are all seeded)."""
+    import json
+    recipe = dict(episodes=2, noise=0.3, hint_share=0.5, epochs=1, max_examples=48, prompt_loss_weight=1.0,
+                  world="small", action_hint_share=0.5)
+    digests = []
+    for name in ("a", "b"):
+        warmstart.build_tiny_agent("alfworld", tmp_path / name, recipe)
+        digests.append(json.loads((tmp_path / name / "warmstart.json").read_text())["weights_sha256"])
+    assert digests[0] == digests[1]
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
