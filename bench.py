@@ -109,8 +109,8 @@ def load_bench_model(name: str, games: int = 0):
         model, tokenizer = policy.load_policy(str(folder))
         what = f"warm-started tiny agent {folder.name}"
     else:
-        tokenizer = policy.train_tiny_tokenizer(alfworld_prompts(32, think=False, games=games), 1024)
-        model = policy.build_tiny_model(tokenizer, **warmstart.MODEL_SIZE)
+        tokenizer = warmstart.train_tiny_tokenizer(alfworld_prompts(32, think=False, games=games), 1024)
+        model = warmstart.build_tiny_model(tokenizer, **warmstart.MODEL_SIZE)
         what = "RANDOM-INIT tiny model (warm-started agent not cached yet), 1024-token BPE"
     return model.eval(), tokenizer, f"{what} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)"
 

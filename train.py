@@ -60,19 +60,19 @@ class Config:
     resume: str = arg("", "path of a run folder to continue from its last checkpoint (its config is kept)")
     overwrite: bool = arg(False, "replace a run already in <out_dir>/<name> (without it such a folder is refused)")
     seed: int = arg(0, "seed of task sampling, generation and initialisation")
-    iters: int = arg(5, "training iterations (one rollout batch + one PPO update each)")
+    iters: int = arg(12, "training iterations (one rollout batch + one PPO update each)")
     save_every: int = arg(5, "checkpoint every k iterations (and always at the end)")
     eval_every: int = arg(0, "evaluate every k iterations (0: only before the first and after the last)")
-    eval_episodes: int = arg(30, "episodes per evaluation (0: no evaluation)")
+    eval_episodes: int = arg(60, "episodes per evaluation (0: no evaluation; 60 = each held-out ALFWorld game once)")
     eval_split: str = arg("eval", "split the evaluations play: eval, or train to measure the games trained on")
     eval_temperature: float = arg(0.4, "sampling temperature of evaluation (the paper's validation setting)")
     eval_greedy: bool = arg(False, "evaluate with greedy decoding instead of T=eval_temperature sampling")
     report_to: str = arg("none", "also log metrics.jsonl's scalars to: none | tensorboard | wandb (accelerate trackers)")
     # --- environment (None = the environment's default from OPID_SPEC §9) ---
     env: str = arg("alfworld", "environment: alfworld | webshop | search")
-    tasks_per_batch: int = arg(2, "B: task groups per iteration (CPU-sized; the paper: 16, search 128)")
+    tasks_per_batch: int = arg(4, "B: task groups per iteration (CPU-sized; the paper: 16, search 128)")
     group_size: int = arg(4, "N: rollouts per task, the GRPO group (CPU-sized; the paper: 8)")
-    max_steps: int | None = arg(None, "max environment steps per episode (alfworld 30, webshop 15, search 4)")
+    max_steps: int | None = arg(None, "max environment steps per episode (alfworld 20 small / 30 full world, webshop 15, search 4)")
     history_length: int | None = arg(None, "H: past (observation, action) pairs in the prompt (5 / 2 / 4)")
     think: bool | None = arg(None, "ask for <think> reasoning before the action (default: off for tiny, on otherwise)")
     invalid_penalty: float | None = arg(None, "score penalty per invalid step (0.1 / 0.1 / 0.01)")
@@ -85,6 +85,7 @@ class Config:
     qa_corpus: str = arg("", "search QA: JSONL corpus {id,title,contents} for BM25 (default: the generated one)")
     alfworld_games: int = arg(0, "generated ALFWorld games per split (0: 240 train / 60 eval; small = quick tests)")
     alfworld_task_types: str = arg("", "comma-separated ALFWorld task types to train and evaluate on (empty: all six)")
+    alfworld_world: str = arg("small", "generated ALFWorld world size: small (4-6 receptacles, 20 steps) | full (8-30, 30)")
     # --- model ---
     model: str = arg("tiny", "tiny | smollm2 | a Hugging Face hub id | a local model folder")
     lora_rank: int = arg(0, "LoRA rank (0: full fine-tuning, every weight kept in fp32 master weights, compute in "
@@ -266,6 +267,12 @@ def resolve_defaults(cfg: Config) -> Config:
         if cfg.env != "alfworld" or not wanted or not set(wanted) <= set(ALFWORLD_TASK_TYPES):
             raise SystemExit(f"--alfworld-task-types takes a comma-separated subset of {ALFWORLD_TASK_TYPES} "
                              f"with --env alfworld, got {cfg.alfworld_task_types!r}")
+    if cfg.env == "alfworld":
+        import worlds
+        if cfg.alfworld_world not in worlds.WORLDS:
+            raise SystemExit(f"--alfworld-world must be one of {sorted(worlds.WORLDS)}, got {cfg.alfworld_world!r}")
+        if cfg.max_steps is None:
+            cfg.max_steps = worlds.WORLDS[cfg.alfworld_world]["max_steps"]
     tiny = cfg.model == "tiny"
     if tiny:
         import warmstart
@@ -335,7 +342,7 @@ def model_name_or_folder(cfg: Config) -> str:
     """--model as `policy.load_policy` takes it ("tiny" is the warm-started agent of this environment)."""
     if cfg.model == "tiny":
         import warmstart
-        return str(warmstart.tiny_agent_folder(cfg.env))
+        return str(warmstart.tiny_agent_folder(cfg.env, world=cfg.alfworld_world if cfg.env == "alfworld" else None))
     return cfg.model
 
 
@@ -401,6 +408,8 @@ def env_kwargs(cfg: Config) -> dict:
         kwargs.update(task_types=alfworld_task_types(cfg))
     if cfg.env in ("alfworld", "webshop"):  # search QA has no admissible list: its validity is the format
         kwargs.update(validity=cfg.validity)
+    if cfg.env == "alfworld":
+        kwargs.update(world=cfg.alfworld_world)
     if cfg.env == "webshop" and cfg.webshop_backend != "sim":
         kwargs.update(backend=cfg.webshop_backend)
     if cfg.env == "search":
@@ -890,11 +899,10 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
     if state["updates"] == cfg.iters:
         evaluate("end")
     if accelerator.is_main_process:  # the run in one screen: before/after table, where its files are
-        table = evaluation.before_after_table(load_metrics(metrics_path, state["updates"])[0])
-        if table:
-            log(table)
         plotted = plot_learning_curve(run_dir, cfg.name)
-        log(f"metrics: {metrics_path}" + (f"\nplot: {plotted}" if plotted else ""))
+        if cfg.eval_episodes > 0:
+            log(before_after_table(load_metrics(metrics_path, state["updates"])[0], cfg.eval_episodes,
+                                   num_eval_tasks, cfg.eval_split, run_dir, plotted))
     if log_with:
         accelerator.end_training()
     log(f"done: {run_dir}")
@@ -940,6 +948,29 @@ def merge_records(records: list[dict]) -> dict:
             weights = [r["samples"] for r in having]
             merged[key] = sum(w * v for w, v in zip(weights, values)) / max(sum(weights), 1)
     return merged
+def before_after_table(records: list[dict], episodes: int, games: int | None, split: str, run_dir: Path,
+                       plot: Path | None = None) -> str:
+    """The run's first and last evaluation side by side: success ± its standard error
+    sqrt(p(1 − p)/n) over the n evaluation episodes, the invalid-action rate, and where the
+    metrics are. The change's error treats the two evaluations as independent samples."""
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not evals:
+        return f"no evaluation in {run_dir / 'metrics.jsonl'}"
+    first, last = evals[0], evals[-1]
+    def error(p: float) -> float:
+        return (p * (1 - p) / episodes) ** 0.5
+    lines = [f"{split} split: {episodes} episodes over {games or '?'} games per evaluation (success ± standard error)",
+             f"{'':8}{'updates':>8}{'env steps':>11}{'success':>18}{'invalid rate':>14}"]
+    for tag, r in (("start", first), ("end", last)):
+        p = r["eval/success_rate"]
+        lines.append(f"{tag:8}{r['updates']:>8}{r['env_steps']:>11}{f'{p:.3f} ± {error(p):.3f}':>18}"
+                     f"{r['eval/invalid_rate']:>14.3f}")
+    change = last["eval/success_rate"] - first["eval/success_rate"]
+    spread = (error(first["eval/success_rate"]) ** 2 + error(last["eval/success_rate"]) ** 2) ** 0.5
+    lines.append(f"{'change':8}{'':19}{f'{change:+.3f} ± {spread:.3f}':>18}"
+                 f"{last['eval/invalid_rate'] - first['eval/invalid_rate']:>+14.3f}")
+    lines.append(f"metrics: {run_dir / 'metrics.jsonl'}" + (f"   plot: {plot}" if plot else ""))
+    return "\n".join(lines)
 
 
 def skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, routed_ep, routed_st,
