@@ -1,23 +1,28 @@
 """One process of the FSDP check in test_distributed.py, started by `accelerate launch` with the
 repository's configs/accelerate_fsdp.yaml on a machine without GPU (2 processes, gloo):
 
-    accelerate launch --config_file configs/accelerate_fsdp.yaml --num_processes 2 tests/fsdp_worker.py MODEL RUNS
+    accelerate launch --config_file configs/accelerate_fsdp.yaml --num_processes 2 tests/fsdp_worker.py MODEL SAMPLES GRADS RUNS
 
 The launcher passes the config file's fsdp_config on as FSDP_* variables, but accelerate turns
 FSDP on only for GPU processes; here its state is set to FSDP by hand with the plugin those
 variables describe — torch's FSDP2 itself runs on the CPU. Process 1's episodes end after one
 step, process 0's run to --max-steps: process 1 must keep stepping (dummy generate calls) while
-process 0 still plays. 2 iterations, then --resume for a third (the gathered checkpoint reloaded).
+process 0 still plays. First the gradient of one PPO step on a fixed batch split 3 / 1 (as in
+distributed_worker.py, gathered from the shards into GRADS), then 2 iterations of `train.main`,
+then --resume for a third (the gathered checkpoint reloaded).
 """
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import policy  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
+from tests import distributed_worker  # noqa: E402
 
 
 def force_fsdp_on_cpu():
@@ -46,8 +51,14 @@ class OneStepEpisodes:
 
 
 def main() -> None:
-    model_folder, runs_dir = sys.argv[1:3]
+    model_folder, samples_file, grads_file, runs_dir = sys.argv[1:5]
     accelerator = force_fsdp_on_cpu()
+    samples = torch.load(samples_file, weights_only=False)  # a fixed batch, split 3 / 1 as in the DDP check
+    share = samples[:3] if accelerator.process_index == 0 else samples[3:]
+    grads = distributed_worker.fixed_batch_gradient(model_folder, share, accelerator)
+    if accelerator.is_main_process:
+        torch.save(grads, grads_file)
+    accelerator.wait_for_everyone()
     calls = {"everyone_finished": 0, "dummy_generate": 0}
     everyone_finished, generate = rollout.everyone_finished, policy.generate
 

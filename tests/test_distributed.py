@@ -137,16 +137,24 @@ def test_fsdp_two_processes_with_uneven_episode_lengths_stay_in_lock_step(model_
     """configs/accelerate_fsdp.yaml through `accelerate launch`, 2 CPU processes (FSDP2 over gloo):
     process 1's episodes last 1 step, process 0's 3. Before lock-step, process 1 left the rollout
     loop while process 0's next generate waited for its all-gathers (train.py refused FSDP)."""
+    from accelerate import Accelerator
     from envs import make_env
 
-    folder, _ = model_and_samples
+    folder, samples = model_and_samples
     make_env("search", split="train")
     env = dict(os.environ, OPID_CACHE=str(small_cache), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate_fsdp.yaml"),
             "--num_processes", "2", "--main_process_port", str(free_port()), str(ROOT / "tests" / "fsdp_worker.py"),
-            str(folder), str(tmp_path / "runs")]
+            str(folder), str(tmp_path / "samples.pt"), str(tmp_path / "grads.pt"), str(tmp_path / "runs")]
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
+
+    # the sharded, uneven (3 / 1 samples, padding micro-batches) gradient equals one process's on all four
+    single = load_worker().fixed_batch_gradient(str(folder), samples, Accelerator(cpu=True))
+    sharded = torch.load(tmp_path / "grads.pt")
+    assert len(sharded) == len(single)
+    for g2, g1 in zip(sharded, single):
+        torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-4)  # fp32; only the summation order differs
 
     run = tmp_path / "runs" / "fsdp"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
