@@ -135,8 +135,9 @@ def test_update_plan_pads_to_the_partners_micro_batch_count_and_counts_global_to
 
 def test_fsdp_two_processes_with_uneven_episode_lengths_stay_in_lock_step(model_and_samples, tmp_path, small_cache):
     """configs/accelerate_fsdp.yaml through `accelerate launch`, 2 CPU processes (FSDP2 over gloo):
-    process 1's episodes last 1 step, process 0's 3. Before lock-step, process 1 left the rollout
-    loop while process 0's next generate waited for its all-gathers (train.py refused FSDP)."""
+    process 1's episodes last 1 step, process 0's 3. Before this, train.py refused FSDP; with
+    `ppo.lockstep` forced off, the run dies in the first scoring pass (process 1 runs 1 micro-batch,
+    process 0 runs 3, their all-gathers no longer pair: gloo "Connection reset by peer")."""
     from accelerate import Accelerator
     from envs import make_env
 
