@@ -211,11 +211,12 @@ def load_policy(name: str, *, device: str = "cpu", dtype: torch.dtype | None = N
     return model, tokenizer
 
 
-def save_policy(model, tokenizer, folder: str | Path) -> Path:
+def save_policy(model, tokenizer, folder: str | Path, weights: dict | None = None) -> Path:
     """Save a policy so that `load_policy(folder)` gives it back.
 
     Full models (tiny, HF) are saved whole; a LoRA model saves only its adapter (HF peft
     format, with the base model's name inside) — `load_policy(folder)` reloads base + adapter.
+    `weights`: the state dict to write instead of the model's own (FSDP: gathered from the shards).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -224,7 +225,7 @@ def save_policy(model, tokenizer, folder: str | Path) -> Path:
         # we never resize the vocabulary; False skips peft's hub lookup of the base's config
         model.save_pretrained(folder, save_embedding_layers=False)
     else:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=weights)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -354,7 +355,7 @@ class _TokenLogprobRecorder(LogitsProcessor):
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-             seed: int | None = None) -> list[Generation]:
+             seed: int | None = None, synced: bool = False) -> list[Generation]:
     """Sample one response per prompt with ONE batched, KV-cached `model.generate` call.
 
     Prompts are left-padded. The model's own sampling defaults (e.g. Qwen's top_k=20,
@@ -362,7 +363,9 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     top-p, so `logprobs` (log softmax(logits/T), spec §8's log π_old) describe the distribution
     the tokens were drawn from (exactly when top_p = 1). `greedy` takes the argmax; its
     log-probs are still those at `temperature`. `seed` makes sampling reproducible without
-    touching the caller's random state.
+    touching the caller's random state. `synced` (sharded weights, FSDP): every process keeps
+    running forward passes until all processes' sequences are finished, as each forward is a
+    collective.
     """
     if not greedy and temperature <= 0:
         raise ValueError("temperature must be > 0 for sampling; use greedy=True for argmax")
@@ -395,7 +398,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
                 torch.manual_seed(seed)
             sequences = model.generate(input_ids=input_ids.to(device),
                                        attention_mask=attention_mask.to(device),
-                                       generation_config=config,
+                                       generation_config=config, synced_gpus=synced,
                                        logits_processor=LogitsProcessorList([recorder]))
     finally:
         inner.generation_config = saved_config
@@ -510,7 +513,8 @@ def forward_response_logprobs(model, batch: dict, temperature: float = 1.0,
 def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], *,
                       temperature: float = 1.0, micro_batch_size: int = 8,
                       with_entropy: bool = False, requires_grad: bool = False,
-                      chunk_tokens: int = LOGPROB_CHUNK_TOKENS, groups: list[list[int]] | None = None):
+                      chunk_tokens: int = LOGPROB_CHUNK_TOKENS, groups: list[list[int]] | None = None,
+                      run_empty: bool = False):
     """Per-token log-probs of `response_ids[i]` given `prompt_ids[i]`, micro-batched.
 
     The workhorse of re-scoring: log π_old (prompt h), the teacher log π_old(·|ĥ) with the
@@ -523,17 +527,24 @@ def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
     input order as (logprobs [B, Lr], mask [B, Lr], entropy [B, Lr] or None), Lr = longest
     response; rows outside every group stay 0. `requires_grad=True` keeps every micro-batch's
     graph alive — fine for small batches; a training loop should rather call this per
-    micro-batch and call backward on each.
+    micro-batch and call backward on each. `run_empty` (sharded weights, FSDP): an empty group
+    runs a one-token forward whose output is dropped, so that every process makes the same
+    number of forward calls (each one is a collective).
     """
-    response_width = max(1, max(len(r) for r in response_ids))
+    response_width = max([1] + [len(r) for r in response_ids])
     if groups is None:
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
         groups = [order[start:start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
-    groups = [rows for rows in groups if rows]
+    if not run_empty:
+        groups = [rows for rows in groups if rows]
     pad_id = _pad_id(model)
     parts = {"logprobs": [], "mask": [], "entropy": []}
     with torch.set_grad_enabled(requires_grad):
         for rows in groups:
+            if not rows:  # FSDP padding: the forward's all-gathers must pair with the other processes'
+                forward_response_logprobs(model, pad_batch([[pad_id]], [[pad_id]], pad_id), temperature, False,
+                                          chunk_tokens)
+                continue
             batch = pad_batch([prompt_ids[i] for i in rows], [response_ids[i] for i in rows],
                               pad_id)
             outputs = forward_response_logprobs(model, batch, temperature, with_entropy, chunk_tokens)
@@ -541,6 +552,9 @@ def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
                 if value is not None:  # widen to the longest response of the whole batch
                     parts[key].append(torch.nn.functional.pad(
                         value, (0, response_width - value.shape[1])))
+        if not parts["mask"]:  # no rows at all (an FSDP process that only ran padding)
+            empty = torch.zeros(len(prompt_ids), response_width)
+            return empty, empty.bool(), empty.clone() if with_entropy else None
         # rows were processed group by group: put them back in input order (absent rows: 0)
         device = parts["mask"][0].device
         placed = torch.tensor([i for rows in groups for i in rows], device=device)

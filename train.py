@@ -33,6 +33,8 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import fully_shard
 from tqdm.auto import tqdm
 
 import eval as evaluation
@@ -453,7 +455,8 @@ def padded(rows: list[list[float]] | list[torch.Tensor], length: int) -> torch.T
 def teacher_logprobs(model, tokenizer, samples: list[rollout.Sample], contexts: list[tuple[int, str | None, str | None]],
                      length: int, micro_batch_size: int, temperature: float = 1.0,
                      groups: list[list[int]] | None = None,
-                     chunk_tokens: int = policy.LOGPROB_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunk_tokens: int = policy.LOGPROB_CHUNK_TOKENS,
+                     run_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """§6–§7: re-score each sample's OWN response ids under its skill-augmented prompt.
 
     contexts: (sample index, episode text or None, step text or None) per teacher pass, each
@@ -462,10 +465,11 @@ def teacher_logprobs(model, tokenizer, samples: list[rollout.Sample], contexts: 
     distribution family. `groups` (sample indices) are the micro-batches of the old pass: the
     teacher scores its rows in the same groups, so a skill that changes nothing gives Δ = 0
     exactly; without `groups`, rows are sorted by length in `micro_batch_size` batches.
+    `run_empty` (FSDP): every group is a forward pass, empty ones included (`ppo.lockstep`).
     Returns (teacher log-probs [S, length], rows that were scored [S] bool).
     """
     result, scored = torch.zeros(len(samples), length), torch.zeros(len(samples), dtype=torch.bool)
-    if not contexts:
+    if not contexts and not run_empty:
         return result, scored
     prompts = [policy.chat_prompt_ids(tokenizer, skills.inject_skills(samples[i].prompt_text, ep, st))
                for i, ep, st in contexts]
@@ -475,7 +479,7 @@ def teacher_logprobs(model, tokenizer, samples: list[rollout.Sample], contexts: 
     with torch.no_grad():
         logprobs, _, _ = policy.response_logprobs(model, prompts, responses, temperature=temperature,
                                                   micro_batch_size=micro_batch_size, groups=context_groups,
-                                                  chunk_tokens=chunk_tokens)
+                                                  chunk_tokens=chunk_tokens, run_empty=run_empty)
     for row, (i, _, _) in enumerate(contexts):
         n = len(samples[i].response_ids)
         result[i, :n] = logprobs[row, :n].float().cpu()
@@ -566,8 +570,8 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
     plan = ppo.update_plan(samples, cfg, accelerator, random.Random(cfg.seed + iteration))
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     score_size = cfg.score_micro_batch_size or cfg.micro_batch_size
-    score_groups = [g for step in plan[:len(plan) // cfg.ppo_epochs]
-                    for g in ppo.micro_batches(step["rows"], lengths, score_size)]
+    score_groups = ppo.pad_groups([g for step in plan[:len(plan) // cfg.ppo_epochs]
+                                   for g in ppo.micro_batches(step["rows"], lengths, score_size)], accelerator)
 
     # 3. Skills from the finished trajectories (analyzer threads run during the old and reference passes).
     t_analysis = time.perf_counter()
@@ -616,11 +620,12 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
             step_ctx.append((i, None, step_text))
         if ep_text:
             episode_ctx.append((i, ep_text, None))
+    lockstep = ppo.lockstep(accelerator)
     with ppo.compute_autocast(cfg, accelerator.device):
         teacher_ep, routed_ep = teacher_logprobs(unwrapped, tokenizer, samples, episode_ctx, length, score_size,
-                                                 cfg.temperature, score_groups, cfg.logprob_chunk_size)
+                                                 cfg.temperature, score_groups, cfg.logprob_chunk_size, lockstep)
         teacher_st, routed_st = teacher_logprobs(unwrapped, tokenizer, samples, step_ctx, length, score_size,
-                                                 cfg.temperature, score_groups, cfg.logprob_chunk_size)
+                                                 cfg.temperature, score_groups, cfg.logprob_chunk_size, lockstep)
     delta_clip = cfg.delta_clip or None
     delta_ep = opid.skill_delta(teacher_ep, old, mask * routed_ep[:, None], cfg.delta_normalize, delta_clip)
     delta_st = opid.skill_delta(teacher_st, old, mask * routed_st[:, None], cfg.delta_normalize, delta_clip)
@@ -757,10 +762,14 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with or None,
                               project_dir=str(run_dir))
     rank, world = accelerator.process_index, accelerator.num_processes
-    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        raise SystemExit(f"accelerate {accelerator.distributed_type}: train.py runs on one device or data-parallel "
-                         "(plain multi-GPU / multi-CPU); rollouts are not lock-step across processes, which "
-                         "sharded weights (FSDP, DeepSpeed) would need")
+    lockstep = ppo.lockstep(accelerator)  # FSDP: every forward pass is a collective
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU,
+                                            DistributedType.FSDP):
+        raise SystemExit(f"accelerate {accelerator.distributed_type}: train.py runs on one device, data-parallel "
+                         "(plain multi-GPU / multi-CPU) or with FSDP (configs/accelerate_fsdp.yaml)")
+    if lockstep and (cfg.lora_rank > 0 or (cfg.algo in ANALYZER_ALGOS and cfg.analyzer == "policy")):
+        raise SystemExit("FSDP is for full fine-tuning with a rule or openai analyzer: use --lora-rank 0, and "
+                         "--analyzer rule|openai (the policy analyzer generates in threads, out of step)")
     if cfg.tasks_per_batch < world:
         raise SystemExit(f"--tasks-per-batch {cfg.tasks_per_batch} < {world} processes: every process needs a task group")
     random.seed(cfg.seed + rank)
@@ -781,10 +790,16 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
     reference = load_reference(cfg, model, accelerator.device, resumed=checkpoint is not None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if lockstep and reference is not None:
+        reference = shard_like_policy(reference)
     state = {"updates": 0, "env_steps": 0}
     if checkpoint is not None:
         saved_state = run_folder.load_trainer_state(checkpoint)
-        optimizer.load_state_dict(saved_state["optimizer"])
+        if lockstep:  # saved whole (`full_state`): every process takes its shard
+            set_optimizer_state_dict(model, optimizer, saved_state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(saved_state["optimizer"])
         torch.set_rng_state(saved_state["torch_rng"])
         np.random.set_state(saved_state["numpy_rng"])
         random.setstate(saved_state["python_rng"])
@@ -833,7 +848,7 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
                 trajs, _ = rollout.collect_rollouts(
                     unwrapped, tokenizer, [make_eval_env() for _ in mine], mine, list(range(len(mine))),
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature, greedy=cfg.eval_greedy,
-                    seed=cfg.seed * 1_000_003 + rank) if mine else ([], {})
+                    seed=cfg.seed * 1_000_003 + rank, synced=lockstep) if mine or lockstep else ([], {})
                 summary = rollout.summarize(gather_object(without_token_data(trajs)))
         if not accelerator.is_main_process:
             return
@@ -861,7 +876,7 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
         with ppo.compute_autocast(cfg, accelerator.device):
             trajs, rstats = rollout.collect_rollouts(
                 unwrapped, tokenizer, envs[:len(task_indices)], task_indices, uids, max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature, top_p=cfg.top_p, prompt_hook=hook)
+                temperature=cfg.temperature, top_p=cfg.top_p, prompt_hook=hook, synced=lockstep)
 
         record = learn_from_batch(cfg, trajs, model, unwrapped, reference, tokenizer, optimizer, accelerator,
                                   analyzer, iteration, skill_bank)
@@ -893,9 +908,14 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
         last = state["updates"] == cfg.iters
         if cfg.eval_every and state["updates"] % cfg.eval_every == 0 and not last:
             evaluate(f"iter {state['updates']}")
-        if accelerator.is_main_process and (state["updates"] % cfg.save_every == 0 or last):
-            state["skill_bank"] = {str(k): v for k, v in skill_bank.items()}
-            save_checkpoint(run_dir, accelerator.unwrap_model(model), tokenizer, optimizer, state)
+        if state["updates"] % cfg.save_every == 0 or last:
+            weights = optimizer_state = None
+            if lockstep:  # every process sends its shards; the main process receives the whole state
+                weights, optimizer_state = full_state(model, optimizer, accelerator)
+            if accelerator.is_main_process:
+                state["skill_bank"] = {str(k): v for k, v in skill_bank.items()}
+                save_checkpoint(run_dir, accelerator.unwrap_model(model), tokenizer, optimizer, state,
+                                weights, optimizer_state)
     if state["updates"] == cfg.iters:
         evaluate("end")
     if accelerator.is_main_process:  # the run in one screen: before/after table, where its files are
@@ -907,6 +927,25 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
         accelerator.end_training()
     log(f"done: {run_dir}")
     return run_dir
+
+
+def shard_like_policy(reference):
+    """FSDP: shard the frozen KL reference as configs/accelerate_fsdp.yaml shards the policy (each
+    decoder layer, then the rest), so no process holds a whole copy of it."""
+    for module in reference.modules():
+        if type(module).__name__ in (reference._no_split_modules or []):
+            fully_shard(module)
+    fully_shard(reference)
+    return reference
+
+
+def full_state(model, optimizer, accelerator) -> tuple[dict, dict]:
+    """FSDP: the whole weights and optimizer state, gathered on the CPU of the main process (the
+    others get empty dicts). Every process must call it."""
+    weights = accelerator.get_state_dict(model)
+    optimizer_state = get_optimizer_state_dict(model, optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return weights, optimizer_state
 
 
 def plot_learning_curve(run_dir: Path, label: str) -> Path | None:

@@ -437,3 +437,26 @@ def test_gradients_flow_only_through_response_tokens(tokenizer, tiny_model):
     total = logprobs[2, :4].sum().item()
     expected, _ = full_sequence_logprobs(tiny_model, prompts[2], responses[2])
     assert math.isclose(total, expected.sum().item(), abs_tol=1e-4)
+
+
+def test_empty_groups_run_one_forward_each_only_when_asked(tokenizer, tiny_model):
+    """FSDP padding (`run_empty`): each empty group is one extra forward call and changes no number;
+    without it empty groups are skipped; with no rows at all the result is zeros of the right shape."""
+    prompts = prompts_of_different_lengths(tokenizer)
+    responses = [[5, 6, 7], [8], [9, 10]]
+    calls = []
+    hook = tiny_model.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        plain, plain_mask, _ = policy.response_logprobs(tiny_model, prompts, responses, groups=[[0, 2], [], [1]])
+        assert len(calls) == 2
+        padded, padded_mask, _ = policy.response_logprobs(tiny_model, prompts, responses, groups=[[0, 2], [], [1], []],
+                                                          run_empty=True)
+        assert len(calls) == 2 + 4
+        nothing, nothing_mask, entropy = policy.response_logprobs(tiny_model, [], [], groups=[[], []], run_empty=True,
+                                                                  with_entropy=True)
+        assert len(calls) == 2 + 4 + 2
+    finally:
+        hook.remove()
+    assert torch.equal(padded, plain) and torch.equal(padded_mask, plain_mask)
+    assert plain_mask.sum(dim=1).tolist() == [3, 1, 2]
+    assert nothing.shape == (0, 1) and nothing_mask.shape == (0, 1) and entropy.shape == (0, 1)
