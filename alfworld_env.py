@@ -63,28 +63,34 @@ class AlfWorldEnv:
     nothing. The step counts and the episode goes on. Reward 10 on the winning step, else 0;
     `done` on a win or after `max_steps`.
 
-    Arguments: `history_length` H (observation, action) pairs in the prompt; `max_steps` 30 (50 in
-    the GiGPO setting); `think` selects the template with <think> (required by the parser) or the
-    short one; `n_games` the generated split's size (default 240 train / 60 eval; with official
-    data, the first `n_games` games); `train_games` the train split an eval split is kept disjoint
-    from (default 240); `seed` of the expert's random draws (0 = the run checked at generation);
-    `task_types` keeps only games of those types (e.g. ("pick_and_place",); empty: all six);
-    `validity` "format" | "admissible" (see Steps).
+    Arguments: `history_length` H (observation, action) pairs in the prompt; `max_steps` (default:
+    the world's horizon, 20 small / 30 full; 50 in the GiGPO setting); `world` the generated games'
+    size, "small" (default, the CPU testbed) or "full" (worlds.WORLDS; ignored for official data);
+    `think` selects the template with <think> (required by the parser) or the short one; `n_games`
+    the generated split's size (default 240 train / 60 eval; with official data, the first
+    `n_games` games); `train_games` the train split an eval split is kept disjoint from (default
+    240); `seed` of the expert's random draws (0 = the run checked at generation); `task_types`
+    keeps only games of those types (e.g. ("pick_and_place",); empty: all six); `validity`
+    "format" | "admissible" (see Steps).
     """
 
     name = "alfworld"
     answer_tags = ("action",)
 
-    def __init__(self, split: str = "train", history_length: int = 5, max_steps: int = 30,
+    def __init__(self, split: str = "train", history_length: int = 5, max_steps: int | None = None,
                  think: bool = True, data_dir: str | os.PathLike | None = None,
                  n_games: int | None = None, train_games: int | None = None, seed: int = 0,
-                 task_types: tuple[str, ...] = (), validity: str = "format"):
+                 task_types: tuple[str, ...] = (), validity: str = "format", world: str | None = None):
         if validity not in VALIDITY_RULES:
             raise ValueError(f"unknown validity rule {validity!r}; expected one of {VALIDITY_RULES}")
+        world = world or worlds.DEFAULT_WORLD
+        if world not in worlds.WORLDS:
+            raise ValueError(f"unknown ALFWorld world size {world!r}; expected one of {sorted(worlds.WORLDS)}")
+        max_steps = max_steps or worlds.WORLDS[world]["max_steps"]
         folder = Path(data_dir) if data_dir else _official_folder(split)
         self.official = folder is not None
         if folder is None:
-            folder = worlds.ensure_split(split, n_games, train_games=train_games)
+            folder = worlds.ensure_split(split, n_games, train_games=train_games, world=world)
         self.game_files = [str(p) for p in worlds.game_files(folder)]
         if n_games and self.official:
             self.game_files = self.game_files[:n_games]

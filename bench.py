@@ -35,6 +35,7 @@ import torch
 
 import policy
 import ppo
+import searchqa
 from environments import make_env
 from envs import cache_dir
 
@@ -69,7 +70,6 @@ def bench_env(env_name: str, batch: int, steps: int, split: str = "train", seed:
             if hasattr(env, "admissible_actions"):
                 response = f"<action>{rng.choice(env.admissible_actions())}</action>"
             else:
-                import searchqa
                 response = searchqa.random_response(rng, env.task.split() * 3, env.steps, env.max_steps)
             t = time.perf_counter()
             _, _, done, _ = env.step(response)
@@ -110,8 +110,8 @@ def load_bench_model(name: str, games: int = 0):
         model, tokenizer = policy.load_policy(str(folder))
         what = f"warm-started tiny agent {folder.name}"
     else:
-        tokenizer = policy.train_tiny_tokenizer(alfworld_prompts(32, think=False, games=games), 1024)
-        model = policy.build_tiny_model(tokenizer, **warmstart.MODEL_SIZE)
+        tokenizer = warmstart.train_tiny_tokenizer(alfworld_prompts(32, think=False, games=games), 1024)
+        model = warmstart.build_tiny_model(tokenizer, **warmstart.MODEL_SIZE)
         what = "RANDOM-INIT tiny model (warm-started agent not cached yet), 1024-token BPE"
     return model.eval(), tokenizer, f"{what} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)"
 
@@ -397,7 +397,6 @@ class WordOverlapRetriever:
     words they contain (the check measures shapes and speed, not answers)."""
 
     def __init__(self, corpus_path):
-        import searchqa
         rows = searchqa.read_jsonl(corpus_path)
         self.passages = [{"id": str(row.get("id", i)), "title": str(row.get("title", "")),
                           "contents": str(row.get("contents", ""))} for i, row in enumerate(rows)]
@@ -412,7 +411,6 @@ class WordOverlapRetriever:
 def start_retrieval_server() -> str:
     """A Search-R1-style /retrieve server over the generated QA corpus, in a thread; returns its URL."""
     import threading
-    import searchqa
     _, corpus = searchqa.load_questions("synthetic", "train")
     server = searchqa.make_retrieval_server(WordOverlapRetriever(corpus), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()

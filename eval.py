@@ -254,7 +254,8 @@ def flag_config(args):
     import train
     cfg = train.Config(env=args.env, model=args.model or str(args.checkpoint), think=args.think,
                        history_length=args.history_length, max_steps=args.max_steps,
-                       max_new_tokens=args.max_new_tokens, alfworld_games=args.n_games or 0)
+                       max_new_tokens=args.max_new_tokens, alfworld_games=args.n_games or 0,
+                       alfworld_world=args.world)
     return train.resolve_defaults(cfg)
 
 
@@ -326,6 +327,8 @@ def evaluate_baseline(args) -> tuple[dict, str, list[dict], dict]:
     for key in ("max_steps", "history_length", "n_games"):
         if getattr(args, key):
             kwargs[key] = getattr(args, key)
+    if env_name == "alfworld":
+        kwargs["world"] = args.world
     summaries, records = [], {}
     for seed in args.seeds:
         policy = expert_policy(think) if args.policy == "expert" else random_policy(think, seed)
@@ -378,24 +381,6 @@ def final_metrics(records: list[dict]) -> dict:
         "updates": max((r.get("updates", 0) for r in records), default=None),
         "wall_time_s": sum(times) if times else None,
     }
-
-
-BEFORE_AFTER = (("success", "eval/success_rate"), ("score", "eval/mean_score"),
-                ("invalid rate", "eval/invalid_rate"), ("steps per episode", "eval/mean_steps"))
-
-
-def before_after_table(records: list[dict]) -> str:
-    """A run's first and last evaluation side by side, as a Markdown table ("" without evaluations)."""
-    evals = sorted((r for r in records if r.get("kind") == "eval"), key=lambda r: r.get("updates", 0))
-    if not evals:
-        return ""
-    first, last = evals[0], evals[-1]
-    lines = [f"| eval ({first.get('split', 'eval')} split) | after {first.get('updates', 0)} updates "
-             f"| after {last.get('updates', 0)} updates |", "|---|---|---|"]
-    for name, key in BEFORE_AFTER:
-        if key in first and key in last:
-            lines.append(f"| {name} | {first[key]:.3f} | {last[key]:.3f} |")
-    return "\n".join(lines)
 
 
 def eval_curve(records: list[dict]) -> list[tuple[int, int, float]]:
@@ -600,6 +585,8 @@ def main(argv=None) -> dict:
     env.add_argument("--history-length", type=int, default=None, help="H (env default; tiny: TINY_HISTORY)")
     env.add_argument("--n-games", "--alfworld-games", dest="n_games", type=int, default=None,
                      help="generated ALFWorld split size (default 240 train / 60 eval)")
+    env.add_argument("--world", "--alfworld-world", dest="world", default="small", choices=["small", "full"],
+                     help="generated ALFWorld world size (worlds.WORLDS; default small)")
     env.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
                      help="template with <think> (default: on, off for --model tiny)")
     dec = parser.add_argument_group("decoding and seeds")

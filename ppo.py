@@ -20,6 +20,7 @@ import math
 import random
 
 import torch
+from accelerate.utils import DistributedType
 
 import opid
 import policy
@@ -92,6 +93,21 @@ def update_plan(samples: list[rollout.Sample], cfg, accelerator, rng: random.Ran
     return plan
 
 
+def lockstep(accelerator) -> bool:
+    """Sharded weights (FSDP): every forward pass all-gathers parameters, so every process must
+    make the same forward calls in the same order — rollouts, no-grad passes and evaluation too."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def pad_groups(groups: list[list[int]], accelerator) -> list[list[int]]:
+    """Under `lockstep`, `groups` followed by empty groups up to the largest count of any process
+    (each empty group is a one-token forward, `policy.response_logprobs(run_empty=True)`)."""
+    if not lockstep(accelerator):
+        return groups
+    most = int(accelerator.gather(torch.tensor([len(groups)], device=accelerator.device)).max())
+    return groups + [[] for _ in range(most - len(groups))]
+
+
 def score_samples(model, samples: list[rollout.Sample], groups: list[list[int]], cfg,
                   accelerator) -> torch.Tensor:
     """No-grad log-probs [S, longest response] (CPU, fp32; 0 on padding) of each sample's own
@@ -99,7 +115,8 @@ def score_samples(model, samples: list[rollout.Sample], groups: list[list[int]],
     with torch.no_grad(), compute_autocast(cfg, accelerator.device):
         logprobs, _, _ = policy.response_logprobs(model, [s.prompt_ids for s in samples],
                                                   [s.response_ids for s in samples], temperature=cfg.temperature,
-                                                  groups=groups, chunk_tokens=cfg.logprob_chunk_size)
+                                                  groups=groups, chunk_tokens=cfg.logprob_chunk_size,
+                                                  run_empty=lockstep(accelerator))
     return logprobs.float().cpu()
 
 
@@ -176,6 +193,8 @@ def update(model, optimizer, accelerator, samples, plan: list[dict], advantages,
                 totals["pg_loss"] += pg_loss.detach()
                 totals["clipfrac"] += clipped_tokens(logp.detach(), o, a, m, cfg.clip_eps) / num_tokens
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP returns it as a (replicated) DTensor
+            grad_norm = grad_norm.full_tensor()
         if step_if_finite(optimizer, grad_norm):  # the norm is of the all-reduced gradient: every rank agrees
             totals["grad_norm"] += torch.as_tensor(grad_norm, device=totals["grad_norm"].device).detach()
         else:

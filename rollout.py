@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from tqdm.auto import tqdm
 
 import policy
@@ -62,12 +63,17 @@ def collect_rollouts(model, tokenizer, envs: list, task_indices: list[int], uids
                      max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                      greedy: bool = False, seed: int | None = None,
                      prompt_hook: PromptHook | None = None, progress: Callable[[int, int], None] | None = None,
-                     ) -> tuple[list[Trajectory], dict]:
+                     synced: bool = False) -> tuple[list[Trajectory], dict]:
     """Run one episode in every env copy, all copies stepping together.
 
     envs[i] plays task task_indices[i] in group uids[i]. `prompt_hook` may rewrite the prompt the
     student sees (Skill-GRPO puts skills there). Returns the trajectories (in copy order) and
     timing/throughput stats.
+
+    `synced` (sharded weights, FSDP, where every forward pass is a collective): the processes
+    step together until all of them are done — a process whose episodes are over (or that has
+    none) keeps calling `generate` on a one-token dummy prompt, and each `generate` runs with
+    `synced=True`, so all processes make the same number of forward calls.
     """
     start = time.perf_counter()
     trajs = []
@@ -78,7 +84,11 @@ def collect_rollouts(model, tokenizer, envs: list, task_indices: list[int], uids
     active = list(range(len(envs)))
     stats = {"generate_s": 0.0, "env_s": 0.0, "generated_tokens": 0, "max_prompt_tokens": 0}
     step = 0
-    while active:
+    while not (everyone_finished(model, not active) if synced else not active):
+        if not active:  # FSDP: this process is done, another is not; its forwards need ours
+            policy.generate(model, tokenizer, [[tokenizer.pad_token_id]], max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, greedy=greedy, synced=True)
+            continue
         prompt_texts = [envs[i].prompt() for i in active]
         if prompt_hook is not None:
             prompt_texts = [prompt_hook(i, text) for i, text in zip(active, prompt_texts)]
@@ -86,7 +96,7 @@ def collect_rollouts(model, tokenizer, envs: list, task_indices: list[int], uids
         t0 = time.perf_counter()
         generations = policy.generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_p=top_p, greedy=greedy,
-                                      seed=None if seed is None else seed + step)
+                                      seed=None if seed is None else seed + step, synced=synced)
         t1 = time.perf_counter()
         still_active = []
         for i, text, ids, gen in zip(active, prompt_texts, prompt_ids, generations):
@@ -114,6 +124,13 @@ def collect_rollouts(model, tokenizer, envs: list, task_indices: list[int], uids
     stats["rollout_s"] = time.perf_counter() - start
     stats["env_steps"] = sum(len(t.samples) for t in trajs)
     return trajs, stats
+
+
+def everyone_finished(model, finished_here: bool) -> bool:
+    """Whether every process is finished (an all-reduce: every process must call it together)."""
+    flag = torch.tensor([0.0 if finished_here else 1.0], device=policy.model_device(model))
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
 
 
 def summarize(trajs: list[Trajectory]) -> dict:

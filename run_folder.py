@@ -189,14 +189,17 @@ def check_checkpoint(folder: Path) -> dict:
 # Checkpoints: save (atomic rotation), find after a kill, load
 # ---------------------------------------------------------------------------------------------
 
-def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: dict) -> None:
-    """Write checkpoint.tmp/ in full (state.json last), flush it, then rotate it into checkpoint/."""
+def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: dict, weights: dict | None = None,
+                    optimizer_state: dict | None = None) -> None:
+    """Write checkpoint.tmp/ in full (state.json last), flush it, then rotate it into checkpoint/.
+    `weights` and `optimizer_state` (FSDP: gathered whole) replace the model's and optimizer's own."""
     run_dir = Path(run_dir)
     tmp, final, old = run_dir / CHECKPOINT_TMP, run_dir / CHECKPOINT, run_dir / CHECKPOINT_OLD
     _remove_tree(tmp)
     tmp.mkdir(parents=True)
-    policy.save_policy(model, tokenizer, tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+    policy.save_policy(model, tokenizer, tmp / "model", weights)
+    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+    torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state(),
                 "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     _fsync_tree(tmp)

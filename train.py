@@ -33,6 +33,8 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import fully_shard
 from tqdm.auto import tqdm
 
 import eval as evaluation
@@ -43,6 +45,7 @@ import ppo
 import rollout
 import run_folder
 import skills
+import worlds
 from alfworld_env import ALFWORLD_TASK_TYPES
 from environments import make_env
 from envs import cache_dir
@@ -62,19 +65,19 @@ class Config:
     resume: str = arg("", "path of a run folder to continue from its last checkpoint (its config is kept)")
     overwrite: bool = arg(False, "replace a run already in <out_dir>/<name> (without it such a folder is refused)")
     seed: int = arg(0, "seed of task sampling, generation and initialisation")
-    iters: int = arg(5, "training iterations (one rollout batch + one PPO update each)")
+    iters: int = arg(12, "training iterations (one rollout batch + one PPO update each)")
     save_every: int = arg(5, "checkpoint every k iterations (and always at the end)")
     eval_every: int = arg(0, "evaluate every k iterations (0: only before the first and after the last)")
-    eval_episodes: int = arg(30, "episodes per evaluation (0: no evaluation)")
+    eval_episodes: int = arg(60, "episodes per evaluation (0: no evaluation; 60 = each held-out ALFWorld game once)")
     eval_split: str = arg("eval", "split the evaluations play: eval, or train to measure the games trained on")
     eval_temperature: float = arg(0.4, "sampling temperature of evaluation (the paper's validation setting)")
     eval_greedy: bool = arg(False, "evaluate with greedy decoding instead of T=eval_temperature sampling")
     report_to: str = arg("none", "also log metrics.jsonl's scalars to: none | tensorboard | wandb (accelerate trackers)")
     # --- environment (None = the environment's default from OPID_SPEC §9) ---
     env: str = arg("alfworld", "environment: alfworld | webshop | search")
-    tasks_per_batch: int = arg(2, "B: task groups per iteration (CPU-sized; the paper: 16, search 128)")
+    tasks_per_batch: int = arg(4, "B: task groups per iteration (CPU-sized; the paper: 16, search 128)")
     group_size: int = arg(4, "N: rollouts per task, the GRPO group (CPU-sized; the paper: 8)")
-    max_steps: int | None = arg(None, "max environment steps per episode (alfworld 30, webshop 15, search 4)")
+    max_steps: int | None = arg(None, "max environment steps per episode (alfworld 20 small / 30 full world, webshop 15, search 4)")
     history_length: int | None = arg(None, "H: past (observation, action) pairs in the prompt (5 / 2 / 4)")
     think: bool | None = arg(None, "ask for <think> reasoning before the action (default: off for tiny, on otherwise)")
     invalid_penalty: float | None = arg(None, "score penalty per invalid step (0.1 / 0.1 / 0.01)")
@@ -87,6 +90,7 @@ class Config:
     qa_corpus: str = arg("", "search QA: JSONL corpus {id,title,contents} for BM25 (default: the generated one)")
     alfworld_games: int = arg(0, "generated ALFWorld games per split (0: 240 train / 60 eval; small = quick tests)")
     alfworld_task_types: str = arg("", "comma-separated ALFWorld task types to train and evaluate on (empty: all six)")
+    alfworld_world: str = arg("small", "generated ALFWorld world size: small (4-6 receptacles, 20 steps) | full (8-30, 30)")
     # --- model ---
     model: str = arg("tiny", "tiny | smollm2 | a Hugging Face hub id | a local model folder")
     lora_rank: int = arg(0, "LoRA rank (0: full fine-tuning, every weight kept in fp32 master weights, compute in "
@@ -266,6 +270,11 @@ def resolve_defaults(cfg: Config) -> Config:
         if cfg.env != "alfworld" or not wanted or not set(wanted) <= set(ALFWORLD_TASK_TYPES):
             raise SystemExit(f"--alfworld-task-types takes a comma-separated subset of {ALFWORLD_TASK_TYPES} "
                              f"with --env alfworld, got {cfg.alfworld_task_types!r}")
+    if cfg.env == "alfworld":
+        if cfg.alfworld_world not in worlds.WORLDS:
+            raise SystemExit(f"--alfworld-world must be one of {sorted(worlds.WORLDS)}, got {cfg.alfworld_world!r}")
+        if cfg.max_steps is None:
+            cfg.max_steps = worlds.WORLDS[cfg.alfworld_world]["max_steps"]
     tiny = cfg.model == "tiny"
     if tiny:
         import warmstart
@@ -335,7 +344,7 @@ def model_name_or_folder(cfg: Config) -> str:
     """--model as `policy.load_policy` takes it ("tiny" is the warm-started agent of this environment)."""
     if cfg.model == "tiny":
         import warmstart
-        return str(warmstart.tiny_agent_folder(cfg.env))
+        return str(warmstart.tiny_agent_folder(cfg.env, world=cfg.alfworld_world if cfg.env == "alfworld" else None))
     return cfg.model
 
 
@@ -401,6 +410,8 @@ def env_kwargs(cfg: Config) -> dict:
         kwargs.update(task_types=alfworld_task_types(cfg))
     if cfg.env in ("alfworld", "webshop"):  # search QA has no admissible list: its validity is the format
         kwargs.update(validity=cfg.validity)
+    if cfg.env == "alfworld":
+        kwargs.update(world=cfg.alfworld_world)
     if cfg.env == "webshop" and cfg.webshop_backend != "sim":
         kwargs.update(backend=cfg.webshop_backend)
     if cfg.env == "search":
@@ -444,7 +455,8 @@ def padded(rows: list[list[float]] | list[torch.Tensor], length: int) -> torch.T
 def teacher_logprobs(model, tokenizer, samples: list[rollout.Sample], contexts: list[tuple[int, str | None, str | None]],
                      length: int, micro_batch_size: int, temperature: float = 1.0,
                      groups: list[list[int]] | None = None,
-                     chunk_tokens: int = policy.LOGPROB_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunk_tokens: int = policy.LOGPROB_CHUNK_TOKENS,
+                     run_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """§6–§7: re-score each sample's OWN response ids under its skill-augmented prompt.
 
     contexts: (sample index, episode text or None, step text or None) per teacher pass, each
@@ -453,10 +465,11 @@ def teacher_logprobs(model, tokenizer, samples: list[rollout.Sample], contexts: 
     distribution family. `groups` (sample indices) are the micro-batches of the old pass: the
     teacher scores its rows in the same groups, so a skill that changes nothing gives Δ = 0
     exactly; without `groups`, rows are sorted by length in `micro_batch_size` batches.
+    `run_empty` (FSDP): every group is a forward pass, empty ones included (`ppo.lockstep`).
     Returns (teacher log-probs [S, length], rows that were scored [S] bool).
     """
     result, scored = torch.zeros(len(samples), length), torch.zeros(len(samples), dtype=torch.bool)
-    if not contexts:
+    if not contexts and not run_empty:
         return result, scored
     prompts = [policy.chat_prompt_ids(tokenizer, skills.inject_skills(samples[i].prompt_text, ep, st))
                for i, ep, st in contexts]
@@ -466,7 +479,7 @@ def teacher_logprobs(model, tokenizer, samples: list[rollout.Sample], contexts: 
     with torch.no_grad():
         logprobs, _, _ = policy.response_logprobs(model, prompts, responses, temperature=temperature,
                                                   micro_batch_size=micro_batch_size, groups=context_groups,
-                                                  chunk_tokens=chunk_tokens)
+                                                  chunk_tokens=chunk_tokens, run_empty=run_empty)
     for row, (i, _, _) in enumerate(contexts):
         n = len(samples[i].response_ids)
         result[i, :n] = logprobs[row, :n].float().cpu()
@@ -557,8 +570,8 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
     plan = ppo.update_plan(samples, cfg, accelerator, random.Random(cfg.seed + iteration))
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     score_size = cfg.score_micro_batch_size or cfg.micro_batch_size
-    score_groups = [g for step in plan[:len(plan) // cfg.ppo_epochs]
-                    for g in ppo.micro_batches(step["rows"], lengths, score_size)]
+    score_groups = ppo.pad_groups([g for step in plan[:len(plan) // cfg.ppo_epochs]
+                                   for g in ppo.micro_batches(step["rows"], lengths, score_size)], accelerator)
 
     # 3. Skills from the finished trajectories (analyzer threads run during the old and reference passes).
     t_analysis = time.perf_counter()
@@ -607,11 +620,12 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
             step_ctx.append((i, None, step_text))
         if ep_text:
             episode_ctx.append((i, ep_text, None))
+    lockstep = ppo.lockstep(accelerator)
     with ppo.compute_autocast(cfg, accelerator.device):
         teacher_ep, routed_ep = teacher_logprobs(unwrapped, tokenizer, samples, episode_ctx, length, score_size,
-                                                 cfg.temperature, score_groups, cfg.logprob_chunk_size)
+                                                 cfg.temperature, score_groups, cfg.logprob_chunk_size, lockstep)
         teacher_st, routed_st = teacher_logprobs(unwrapped, tokenizer, samples, step_ctx, length, score_size,
-                                                 cfg.temperature, score_groups, cfg.logprob_chunk_size)
+                                                 cfg.temperature, score_groups, cfg.logprob_chunk_size, lockstep)
     delta_clip = cfg.delta_clip or None
     delta_ep = opid.skill_delta(teacher_ep, old, mask * routed_ep[:, None], cfg.delta_normalize, delta_clip)
     delta_st = opid.skill_delta(teacher_st, old, mask * routed_st[:, None], cfg.delta_normalize, delta_clip)
@@ -748,10 +762,14 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with or None,
                               project_dir=str(run_dir))
     rank, world = accelerator.process_index, accelerator.num_processes
-    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        raise SystemExit(f"accelerate {accelerator.distributed_type}: train.py runs on one device or data-parallel "
-                         "(plain multi-GPU / multi-CPU); rollouts are not lock-step across processes, which "
-                         "sharded weights (FSDP, DeepSpeed) would need")
+    lockstep = ppo.lockstep(accelerator)  # FSDP: every forward pass is a collective
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU,
+                                            DistributedType.FSDP):
+        raise SystemExit(f"accelerate {accelerator.distributed_type}: train.py runs on one device, data-parallel "
+                         "(plain multi-GPU / multi-CPU) or with FSDP (configs/accelerate_fsdp.yaml)")
+    if lockstep and (cfg.lora_rank > 0 or (cfg.algo in ANALYZER_ALGOS and cfg.analyzer == "policy")):
+        raise SystemExit("FSDP is for full fine-tuning with a rule or openai analyzer: use --lora-rank 0, and "
+                         "--analyzer rule|openai (the policy analyzer generates in threads, out of step)")
     if cfg.tasks_per_batch < world:
         raise SystemExit(f"--tasks-per-batch {cfg.tasks_per_batch} < {world} processes: every process needs a task group")
     random.seed(cfg.seed + rank)
@@ -772,10 +790,16 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
     reference = load_reference(cfg, model, accelerator.device, resumed=checkpoint is not None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if lockstep and reference is not None:
+        reference = shard_like_policy(reference)
     state = {"updates": 0, "env_steps": 0}
     if checkpoint is not None:
         saved_state = run_folder.load_trainer_state(checkpoint)
-        optimizer.load_state_dict(saved_state["optimizer"])
+        if lockstep:  # saved whole (`full_state`): every process takes its shard
+            set_optimizer_state_dict(model, optimizer, saved_state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(saved_state["optimizer"])
         torch.set_rng_state(saved_state["torch_rng"])
         np.random.set_state(saved_state["numpy_rng"])
         random.setstate(saved_state["python_rng"])
@@ -824,7 +848,7 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
                 trajs, _ = rollout.collect_rollouts(
                     unwrapped, tokenizer, [make_eval_env() for _ in mine], mine, list(range(len(mine))),
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature, greedy=cfg.eval_greedy,
-                    seed=cfg.seed * 1_000_003 + rank) if mine else ([], {})
+                    seed=cfg.seed * 1_000_003 + rank, synced=lockstep) if mine or lockstep else ([], {})
                 summary = rollout.summarize(gather_object(without_token_data(trajs)))
         if not accelerator.is_main_process:
             return
@@ -852,7 +876,7 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
         with ppo.compute_autocast(cfg, accelerator.device):
             trajs, rstats = rollout.collect_rollouts(
                 unwrapped, tokenizer, envs[:len(task_indices)], task_indices, uids, max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature, top_p=cfg.top_p, prompt_hook=hook)
+                temperature=cfg.temperature, top_p=cfg.top_p, prompt_hook=hook, synced=lockstep)
 
         record = learn_from_batch(cfg, trajs, model, unwrapped, reference, tokenizer, optimizer, accelerator,
                                   analyzer, iteration, skill_bank)
@@ -884,21 +908,44 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
         last = state["updates"] == cfg.iters
         if cfg.eval_every and state["updates"] % cfg.eval_every == 0 and not last:
             evaluate(f"iter {state['updates']}")
-        if accelerator.is_main_process and (state["updates"] % cfg.save_every == 0 or last):
-            state["skill_bank"] = {str(k): v for k, v in skill_bank.items()}
-            save_checkpoint(run_dir, accelerator.unwrap_model(model), tokenizer, optimizer, state)
+        if state["updates"] % cfg.save_every == 0 or last:
+            weights = optimizer_state = None
+            if lockstep:  # every process sends its shards; the main process receives the whole state
+                weights, optimizer_state = full_state(model, optimizer, accelerator)
+            if accelerator.is_main_process:
+                state["skill_bank"] = {str(k): v for k, v in skill_bank.items()}
+                save_checkpoint(run_dir, accelerator.unwrap_model(model), tokenizer, optimizer, state,
+                                weights, optimizer_state)
     if state["updates"] == cfg.iters:
         evaluate("end")
     if accelerator.is_main_process:  # the run in one screen: before/after table, where its files are
-        table = evaluation.before_after_table(load_metrics(metrics_path, state["updates"])[0])
-        if table:
-            log(table)
         plotted = plot_learning_curve(run_dir, cfg.name)
-        log(f"metrics: {metrics_path}" + (f"\nplot: {plotted}" if plotted else ""))
+        if cfg.eval_episodes > 0:
+            log(before_after_table(load_metrics(metrics_path, state["updates"])[0], cfg.eval_episodes,
+                                   num_eval_tasks, cfg.eval_split, run_dir, plotted))
     if log_with:
         accelerator.end_training()
     log(f"done: {run_dir}")
     return run_dir
+
+
+def shard_like_policy(reference):
+    """FSDP: shard the frozen KL reference as configs/accelerate_fsdp.yaml shards the policy (each
+    decoder layer, then the rest), so no process holds a whole copy of it."""
+    for module in reference.modules():
+        if type(module).__name__ in (reference._no_split_modules or []):
+            fully_shard(module)
+    fully_shard(reference)
+    return reference
+
+
+def full_state(model, optimizer, accelerator) -> tuple[dict, dict]:
+    """FSDP: the whole weights and optimizer state, gathered on the CPU of the main process (the
+    others get empty dicts). Every process must call it."""
+    weights = accelerator.get_state_dict(model)
+    optimizer_state = get_optimizer_state_dict(model, optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return weights, optimizer_state
 
 
 def plot_learning_curve(run_dir: Path, label: str) -> Path | None:
@@ -940,6 +987,29 @@ def merge_records(records: list[dict]) -> dict:
             weights = [r["samples"] for r in having]
             merged[key] = sum(w * v for w, v in zip(weights, values)) / max(sum(weights), 1)
     return merged
+def before_after_table(records: list[dict], episodes: int, games: int | None, split: str, run_dir: Path,
+                       plot: Path | None = None) -> str:
+    """The run's first and last evaluation side by side: success ± its standard error
+    sqrt(p(1 − p)/n) over the n evaluation episodes, the invalid-action rate, and where the
+    metrics are. The change's error treats the two evaluations as independent samples."""
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not evals:
+        return f"no evaluation in {run_dir / 'metrics.jsonl'}"
+    first, last = evals[0], evals[-1]
+    def error(p: float) -> float:
+        return (p * (1 - p) / episodes) ** 0.5
+    lines = [f"{split} split: {episodes} episodes over {games or '?'} games per evaluation (success ± standard error)",
+             f"{'':8}{'updates':>8}{'env steps':>11}{'success':>18}{'invalid rate':>14}"]
+    for tag, r in (("start", first), ("end", last)):
+        p = r["eval/success_rate"]
+        lines.append(f"{tag:8}{r['updates']:>8}{r['env_steps']:>11}{f'{p:.3f} ± {error(p):.3f}':>18}"
+                     f"{r['eval/invalid_rate']:>14.3f}")
+    change = last["eval/success_rate"] - first["eval/success_rate"]
+    spread = (error(first["eval/success_rate"]) ** 2 + error(last["eval/success_rate"]) ** 2) ** 0.5
+    lines.append(f"{'change':8}{'':19}{f'{change:+.3f} ± {spread:.3f}':>18}"
+                 f"{last['eval/invalid_rate'] - first['eval/invalid_rate']:>+14.3f}")
+    lines.append(f"metrics: {run_dir / 'metrics.jsonl'}" + (f"   plot: {plot}" if plot else ""))
+    return "\n".join(lines)
 
 
 def skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, routed_ep, routed_st,

@@ -5,46 +5,70 @@ never wins an episode, so RL would have nothing to work with. Like an instruct m
 agent should start weak but not hopeless, and — the part OPID relies on — it should *read hints
 in its prompt*, the stand-in for the instruction following a real LLM brings.
 
-Recipe (deterministic, cached under cache_dir("models", "tiny-<env>-v<N>")):
+Recipe (deterministic; kept in the repository under agents/ when built with `--keep`, otherwise
+cached under cache_dir("models", "tiny-<env>[-small]-v<N>")):
 1. Play the train split with a noisy expert (the expert's action, or with probability
    `noise` a random admissible one); every step's target is the EXPERT's action at that state.
 2. Analyze each of these episodes with the same rule-based analyzer the trainer uses and, for a
    share of the steps, also emit a copy of the example whose prompt carries the routed skill in
    the exact OPID injection format (§5–§6). The target stays the expert's action: a workflow or a
-   "take X now" hint points at it, an avoidance rule warns against the noisy detour.
+   "take X now" hint points at it, an avoidance rule warns against the noisy detour. With
+   `action_hint_share`, a share of the steps also gets a copy whose step block names the expert's
+   action outright, so the agent learns to act on a hint: OPID's teacher is this agent with a hint.
 3. Train a byte-level BPE tokenizer on this text, build the model, and clone. The loss also
    models the prompt tokens (`prompt_loss_weight`): a model this small, trained from scratch on
    the responses alone, never learned to copy names out of its prompt ("take candle 1" when the
    shelf holds candle 2) and won no ALFWorld game; see README "Models" and "Results".
 Cloning stops well short of the expert on purpose: the agent should leave room for RL.
+
+This module also holds the tiny model itself (tokenizer, construction, cloning loss), so that
+`policy.py` is only the language-model interface every model shares.
+
+    python warmstart.py alfworld --keep      # rebuild the kept ALFWorld agent (one thread, same bits)
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import random
 import re
 import time
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
 import policy
 import skills
 from environments import make_env
 from envs import cache_dir
+from policy import chat_prompt_ids, forward_response_logprobs, model_device, pad_batch
 
 VERSION = 2  # bump when the cloning code changes (a changed RECIPES entry alone triggers a rebuild)
 # per environment: episodes to play, behaviour noise, share of hinted copies, cloning epochs,
 # cap on examples, weight of the prompt-token loss (and optional keys, defaults in RECIPE_DEFAULTS)
 RECIPE_DEFAULTS = dict(
-    spaced_targets=False,  # a space inside the answer tags (see `respond`)
-    expert_version=1,      # bumped when an environment's expert (the cloning target) changes
+    spaced_targets=False,   # a space inside the answer tags (see `respond`)
+    expert_version=1,       # bumped when an environment's expert (the cloning target) changes
+    world="full",           # ALFWorld: the generated games' size (worlds.WORLDS)
+    action_hint_share=0.0,  # share of steps also cloned with a step hint naming the expert's action
+    label_smoothing=0.0,    # of the response loss: a less certain agent explores in its rollouts
 )
 RECIPES = {
-    "alfworld": dict(episodes=120, noise=0.3, hint_share=0.5, epochs=6, max_examples=4000, prompt_loss_weight=1.0),
+    # small worlds; every train game once; half the steps also cloned with the hint naming the expert's
+    # action; 3 epochs instead of 6 (README "Models")
+    "alfworld": dict(episodes=240, noise=0.3, hint_share=0.5, epochs=3, max_examples=4000, prompt_loss_weight=1.0,
+                     world="small", action_hint_share=0.5),
     # expert v2 buys the first result that scores 1, not the hidden target (README "Results")
     "webshop": dict(episodes=300, noise=0.3, hint_share=0.5, epochs=6, max_examples=2000, prompt_loss_weight=1.0,
                     expert_version=2),
     "search": dict(episodes=600, noise=0.3, hint_share=0.5, epochs=2, max_examples=2000, prompt_loss_weight=1.0),
 }
+# The ALFWorld agent of the earlier full-world results (`--alfworld-world full`), rebuilt as it was.
+ALFWORLD_FULL_RECIPE = dict(episodes=120, noise=0.3, hint_share=0.5, epochs=6, max_examples=4000,
+                            prompt_loss_weight=1.0)
 # The tiny agent sees a shorter history than the paper's ALFWorld runs (H = 2, the GiGPO/GRPO
 # baselines' value, instead of 5): prompts of ~300 instead of ~470 tokens keep CPU runs short.
 TINY_HISTORY = {"alfworld": 2, "webshop": 2, "search": 4}
@@ -52,6 +76,9 @@ TINY_HISTORY = {"alfworld": 2, "webshop": 2, "search": 4}
 # ALFWorld and 12 on search QA, but WebShop's first action copies the whole instruction into
 # search[...] (up to 35 tokens, 12 % of all steps above 24); a 24-token cap cut those off.
 TINY_MAX_NEW_TOKENS = {"alfworld": 24, "webshop": 48, "search": 24}
+# Builds kept in the repository (a few MB each), so that a first run needs no warm start; rebuilt
+# bit-identically (one thread, fixed seeds) by `python warmstart.py alfworld --keep`.
+KEPT_AGENTS = Path(__file__).resolve().parent / "agents"
 MODEL_SIZE = dict(hidden_size=128, num_layers=2)
 
 
@@ -81,19 +108,27 @@ def noisy_action(env, info: dict, rng: random.Random, noise: float) -> str:
 
 
 def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float, seed: int = 0,
-                   spaced_targets: bool = False) -> list[tuple[str, str]]:
-    """(prompt text, response text) pairs from noisy-expert play, with hinted copies (see module doc)."""
+                   spaced_targets: bool = False, world: str = "full",
+                   action_hint_share: float = 0.0) -> list[tuple[str, str]]:
+    """(prompt text, response text) pairs from noisy-expert play, with hinted copies (see module doc).
+
+    `action_hint_share`: for that share of the steps, one more copy whose step block is the hint that
+    names the expert's action (`rule_analyzer.step_hint_for_action`, the §6 format), so that the
+    agent learns to act on a hint, not only alongside one.
+    """
     rng = random.Random(seed)
-    env = make_env(env_name, split="train", think=False, history_length=TINY_HISTORY[env_name])
+    kwargs = dict(world=world) if env_name == "alfworld" else {}
+    env = make_env(env_name, split="train", think=False, history_length=TINY_HISTORY[env_name], **kwargs)
     import rule_analyzer
     analyzer = rule_analyzer.RuleBasedAnalyzer()
     k = {"alfworld": 5, "webshop": 5, "search": 2}[env_name]
     examples = []
-    for episode in range(episodes):
+    for episode in tqdm(range(episodes), desc=f"{env_name} demonstrations", leave=False):
         _, info = env.reset(episode % env.num_tasks())
-        steps, records, done = [], [], False
+        steps, records, expert_actions, done = [], [], [], False
         while not done:
-            prompt, target = env.prompt(), respond(env, env.expert_action(), spaced_targets)
+            expert_actions.append(env.expert_action())
+            prompt, target = env.prompt(), respond(env, expert_actions[-1], spaced_targets)
             taken = respond(env, noisy_action(env, info, rng, noise), spaced_targets)
             observation = info.get("anchor_obs", "")
             _, reward, done, info = env.step(taken)
@@ -109,17 +144,25 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
             if rng.random() < hint_share:
                 episode_text, step_text = skills.route(t, parsed, "step_priority")
                 examples.append((skills.inject_skills(prompt, episode_text, step_text), target))
+            if action_hint_share and rng.random() < action_hint_share:
+                hint = rule_analyzer.step_hint_for_action(expert_actions[t])
+                examples.append((skills.inject_skills(prompt, None, hint), target))
     return examples
 
 
-def cached_agent_is_current(folder: Path, env_name: str) -> bool:
+def recipe_for(env_name: str, world: str | None = None) -> dict:
+    """The current recipe of `env_name`'s agent (ALFWorld: of the small world unless `world` is "full")."""
+    return ALFWORLD_FULL_RECIPE if env_name == "alfworld" and world == "full" else RECIPES[env_name]
+
+
+def cached_agent_is_current(folder: Path, env_name: str, world: str | None = None) -> bool:
     """True if `folder` holds a finished build of the current recipe and model size (a changed recipe
     must never be served from a stale cache)."""
     meta_path = folder / "warmstart.json"
     if not meta_path.exists():
         return False
     meta = json.loads(meta_path.read_text())
-    return (full_recipe(meta.get("recipe") or {}) == full_recipe(RECIPES[env_name])
+    return (full_recipe(meta.get("recipe") or {}) == full_recipe(recipe_for(env_name, world))
             and meta.get("model_size") == MODEL_SIZE)
 
 
@@ -128,11 +171,32 @@ def full_recipe(recipe: dict) -> dict:
     return {**RECIPE_DEFAULTS, **recipe}
 
 
-def tiny_agent_folder(env_name: str, rebuild: bool = False) -> Path:
-    """Folder of the warm-started tiny agent for `env_name`; built (minutes) on first use."""
-    folder = cache_dir("models") / f"tiny-{env_name}-v{VERSION}"
-    if rebuild or not cached_agent_is_current(folder, env_name):
-        build_tiny_agent(env_name, folder, RECIPES[env_name])
+def recipe_hash(recipe: dict) -> str:
+    """sha256 of what a build depends on besides the code's data: the full recipe, model size, VERSION."""
+    text = json.dumps({"recipe": full_recipe(recipe), "model_size": MODEL_SIZE, "version": VERSION}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def agent_name(env_name: str, world: str | None = None) -> str:
+    """Folder name of an agent build, e.g. tiny-alfworld-small-v2 (the full-world one: tiny-alfworld-v2)."""
+    recipe = full_recipe(recipe_for(env_name, world))
+    small = env_name == "alfworld" and recipe["world"] != "full"
+    return f"tiny-{env_name}{'-' + recipe['world'] if small else ''}-v{VERSION}"
+
+
+def tiny_agent_folder(env_name: str, rebuild: bool = False, world: str | None = None) -> Path:
+    """Folder of the warm-started tiny agent for `env_name` (and ALFWorld `world`).
+
+    A build of the current recipe kept in the repository (`KEPT_AGENTS`, written by
+    `python warmstart.py ENV --keep`) is used as it is; otherwise the agent is built on first use
+    into the cache.
+    """
+    name = agent_name(env_name, world)
+    if not rebuild and cached_agent_is_current(KEPT_AGENTS / name, env_name, world):
+        return KEPT_AGENTS / name
+    folder = cache_dir("models") / name
+    if rebuild or not cached_agent_is_current(folder, env_name, world):
+        build_tiny_agent(env_name, folder, recipe_for(env_name, world))
     return folder
 
 
@@ -140,23 +204,179 @@ def build_tiny_agent(env_name: str, folder: Path, recipe: dict) -> None:
     """Play, analyze, tokenize and clone (module doc); write the model and warmstart.json to `folder`."""
     start = time.perf_counter()
     print(f"[warmstart] building the tiny {env_name} agent in {folder} (once; cached afterwards)")
+    options = full_recipe(recipe)
     examples = demonstrations(env_name, recipe["episodes"], recipe["noise"], recipe["hint_share"],
-                              spaced_targets=full_recipe(recipe)["spaced_targets"])
+                              spaced_targets=options["spaced_targets"], world=options["world"],
+                              action_hint_share=options["action_hint_share"])
     random.Random(0).shuffle(examples)
     examples = examples[:recipe["max_examples"]]
     print(f"[warmstart] {len(examples)} cloning examples from {recipe['episodes']} noisy-expert episodes "
           f"({time.perf_counter() - start:.0f}s)")
-    tokenizer = policy.train_tiny_tokenizer([p for p, _ in examples] + [r for _, r in examples])
-    model = policy.build_tiny_model(tokenizer, **MODEL_SIZE)
-    losses = policy.behaviour_clone(model, tokenizer, examples, epochs=recipe["epochs"], lr=1e-3, batch_size=16,
-                                    seed=0, prompt_loss_weight=recipe["prompt_loss_weight"], log_every=50)
+    tokenizer = train_tiny_tokenizer([p for p, _ in examples] + [r for _, r in examples])
+    model = build_tiny_model(tokenizer, **MODEL_SIZE)
+    losses = behaviour_clone(model, tokenizer, examples, epochs=recipe["epochs"], lr=1e-3, batch_size=16,
+                             seed=0, prompt_loss_weight=recipe["prompt_loss_weight"],
+                             label_smoothing=options["label_smoothing"])
     tmp = folder.with_name(folder.name + ".tmp")
     policy.save_policy(model, tokenizer, tmp)
     (tmp / "warmstart.json").write_text(json.dumps({
-        "env": env_name, "recipe": recipe, "model_size": MODEL_SIZE, "examples": len(examples),
-        "final_loss": losses[-1] if losses else None, "build_seconds": time.perf_counter() - start}, indent=1))
+        "env": env_name, "recipe": recipe, "model_size": MODEL_SIZE, "version": VERSION,
+        "recipe_hash": recipe_hash(recipe), "examples": len(examples), "final_loss": losses[-1] if losses else None,
+        "build_seconds": round(time.perf_counter() - start), "torch": torch.__version__,
+        "weights_sha256": hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()}, indent=1))
     if folder.exists():
         import shutil
         shutil.rmtree(folder)
     tmp.rename(folder)
     print(f"[warmstart] done in {time.perf_counter() - start:.0f}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny model: a locally trained tokenizer + a few-M-parameter Qwen2, warm-started by
+# behaviour cloning on expert demonstrations.
+# ---------------------------------------------------------------------------------------------
+
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+# Qwen-style ChatML, without a default system prompt (every token counts for a tiny model)
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+
+
+def train_tiny_tokenizer(texts: list[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the environments' text; ChatML template, eos = <|im_end|>.
+
+    Byte-level: any string round-trips exactly through encode/decode, even characters the
+    training text never showed.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                        pad_token="<|pad|>",
+                                        model_input_names=["input_ids", "attention_mask"],
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_tiny_model(tokenizer, hidden_size: int = 256, num_layers: int = 4, heads: int = 4,
+                     intermediate_size: int = 688, max_positions: int = 4096,
+                     seed: int = 0) -> Qwen2ForCausalLM:
+    """A randomly initialised Qwen2 (≈4.2 M parameters with the defaults and a 4096 vocab)."""
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                         num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max_positions, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    return model.eval()
+
+
+def clone_losses(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token NLL of the response tokens (+ EOS) and of the prompt tokens of a
+    `pad_batch` batch; padding is in neither. One forward over every column.
+
+    With `label_smoothing` ε the response term is the cross-entropy to (1 − ε)·one-hot + ε·uniform,
+    i.e. (1 − ε)·NLL + ε·mean over the vocabulary of −log p (as torch's cross_entropy computes it).
+    """
+    device = model_device(model)
+    input_ids = batch["input_ids"].to(device)
+    attention = batch["attention_mask"].to(device).bool()
+    logits = model(input_ids=input_ids, attention_mask=attention.long(),
+                   position_ids=batch["position_ids"].to(device), use_cache=False).logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    normaliser = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
+    real = attention[:, :-1] & attention[:, 1:]            # both the context and the target are tokens
+    predicts_response = torch.arange(targets.shape[1], device=device) >= batch["prompt_width"] - 1
+    response, prompt = real & predicts_response, real & ~predicts_response
+    response_loss = -logprobs
+    if label_smoothing:
+        response_loss = (1 - label_smoothing) * response_loss + label_smoothing * (normaliser - logits.mean(-1))
+    return (response_loss * response).sum() / response.sum(), -(logprobs * prompt).sum() / prompt.sum().clamp(min=1)
+
+
+def behaviour_clone(model, tokenizer, examples: list[tuple[str, str]], *, epochs: int = 1,
+                    lr: float = 1e-3, batch_size: int = 16, seed: int = 0, prompt_loss_weight: float = 0.0,
+                    label_smoothing: float = 0.0, warmup_steps: int = 50, log_every: int = 50) -> list[float]:
+    """Supervised fine-tuning on (user prompt text, assistant response text) pairs.
+
+    The loss is the mean negative log-likelihood of the response tokens plus the closing EOS,
+    plus `prompt_loss_weight` × the mean NLL of the prompt tokens: for a model trained from
+    scratch, modelling the observations too gives hundreds of targets per example instead of
+    about ten, and teaches it to copy names from the prompt (the admissible actions, the
+    objects it sees) — the skill every action needs. AdamW, linear warm-up (`warmup_steps`, at
+    most a tenth of the run) then cosine decay to zero, examples shuffled each epoch.
+    `label_smoothing` ε smooths the response targets (`clone_losses`): an agent cloned to near-certainty
+    samples the same action in every rollout of a group, and RL then has nothing to compare.
+    Returns the response loss of every optimizer step; a progress bar when `log_every` > 0.
+    """
+    eos = tokenizer.eos_token_id
+    samples = [(chat_prompt_ids(tokenizer, user),
+                tokenizer.encode(response, add_special_tokens=False) + [eos])
+               for user, response in examples]
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(samples) / batch_size)
+    total = steps_per_epoch * epochs
+    warmup = max(1, min(warmup_steps, total // 10))  # short runs (tests) warm up for a tenth
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup)
+                                                 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total))))
+    rng = random.Random(seed)
+    was_training = model.training
+    model.train()
+    losses = []
+    bar = tqdm(total=total, desc="behaviour cloning", disable=not log_every)
+    for epoch in range(epochs):
+        order = list(range(len(samples)))
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            chosen = [samples[i] for i in order[start:start + batch_size]]
+            batch = pad_batch([p for p, _ in chosen], [r for _, r in chosen],
+                              tokenizer.pad_token_id)
+            if prompt_loss_weight or label_smoothing:
+                response_loss, prompt_loss = clone_losses(model, batch, label_smoothing)
+                loss = response_loss + prompt_loss_weight * prompt_loss
+            else:  # only the response columns' logits are needed
+                logprobs, mask, _ = forward_response_logprobs(model, batch)
+                response_loss = loss = -(logprobs * mask).sum() / mask.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(response_loss.item())
+            bar.update()
+            if log_every and len(losses) % log_every == 0:
+                bar.set_postfix(epoch=epoch + 1, response_loss=f"{sum(losses[-log_every:]) / log_every:.4f}")
+    bar.close()
+    model.train(was_training)
+    return losses
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Build the warm-started tiny agent of an environment.")
+    parser.add_argument("env", choices=sorted(RECIPES), help="environment")
+    parser.add_argument("--world", choices=["small", "full"], default=None, help="ALFWorld world size (default small)")
+    parser.add_argument("--keep", action="store_true",
+                        help=f"write the build to {KEPT_AGENTS.name}/ (kept in the repository) instead of the cache")
+    args = parser.parse_args()
+    torch.set_num_threads(1)            # one thread: the same machine rebuilds the same bits
+    torch.use_deterministic_algorithms(True)
+    target = (KEPT_AGENTS if args.keep else cache_dir("models")) / agent_name(args.env, args.world)
+    build_tiny_agent(args.env, target, recipe_for(args.env, args.world))
+    print(json.loads((target / "warmstart.json").read_text())["weights_sha256"], target)

@@ -8,7 +8,8 @@ five `pddl_params` that alfworld's hand-coded expert reads), the same layout as 
 
 How a game is drawn (`draw_game`, all randomness from one `random.Random(seed)`):
   1. a task type and a room kind that has what the task needs (sink basin, microwave, fridge, a desk
-     lamp on a desk / side table / dresser), 8-30 receptacles in ALFRED's classes;
+     lamp on a desk / side table / dresser), 8-30 receptacles in ALFRED's classes (a "small" world
+     then keeps 4-6 of them, what the task needs included, and 2-4 distractors: `WORLDS`);
   2. a goal from alfworld's goal library (`alfworld.gen.goal_library.gdict`) whose object and
      receptacle classes are compatible under ALFRED's `VAL_RECEPTACLE_OBJECTS`;
   3. the target object(s) plus distractors placed in receptacles that may hold them, the targets
@@ -29,7 +30,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -39,6 +39,7 @@ from pathlib import Path
 import alfworld
 import alfworld.gen.constants as alfred_constants
 import alfworld.gen.goal_library as goal_library
+from tqdm.auto import tqdm
 
 from alfworld_engine import load_game
 from envs import cache_dir
@@ -46,6 +47,18 @@ from envs import cache_dir
 ALFWORLD_DATA = Path(alfworld.__file__).resolve().parent / "data"
 GENERATOR_VERSION = 1   # bump when the drawing procedure changes: the cache folder name holds it
 EXPERT_STEPS = 30       # the expert must win within the default episode length (alfworld_env.AlfWorldEnv)
+# World sizes. "full": ALFRED-like rooms (8-30 receptacles, 6-30 distractors, 30 steps), the setting of
+# the README's earlier results. "small": the same engine, task types and goal library in a room cut to
+# 4-6 receptacles (the task's appliance, goal receptacle and a start place of its object kept) with 2-4
+# distractors and a shorter horizon, so that prompts are short and a tiny agent on a CPU wins some
+# episodes of a group and loses others (README "Models").
+WORLDS = {
+    "full": dict(receptacles=(8, 30), distractors=None, max_steps=30),
+    "small": dict(receptacles=(4, 6), distractors=(2, 4), max_steps=20),
+}
+DEFAULT_WORLD = "small"   # the CPU testbed's world; "full" reproduces the earlier results
+APPLIANCE = {"pick_clean_then_place": "SinkBasin", "pick_heat_then_place": "Microwave",
+             "pick_cool_then_place": "Fridge"}
 
 # contract task-type name -> alfworld's name (traj_data.json, goal library, expert policies)
 TASK_TYPES = {
@@ -195,8 +208,29 @@ def _goal_candidates(task_type: str, room: list[str], kind: str) -> list[tuple[s
     return pairs
 
 
-def draw_game(seed: int, task_type: str) -> dict:
+def _cut_room(room: list[str], task_type: str, obj_cls: str, recep_cls: str, size: int,
+              rng: random.Random) -> list[str]:
+    """A small world's room: `size` of `room`'s receptacles (order kept), always including the goal
+    receptacle, the task's appliance, a desk-lamp holder (look tasks) and a place other than the goal
+    where the task's object may start."""
+    index = list(range(len(room)))
+    keep = set()
+    for wanted in (recep_cls, APPLIANCE.get(task_type, "")):
+        if wanted:
+            keep.add(rng.choice([i for i in index if room[i] == wanted]))
+    if task_type == "look_at_obj_in_light":
+        keep.add(rng.choice([i for i in index if room[i] in LAMP_HOLDERS]))
+    if not any(obj_cls in CAN_HOLD[room[i]] and room[i] != recep_cls for i in keep):
+        keep.add(rng.choice([i for i in index if obj_cls in CAN_HOLD[room[i]] and room[i] != recep_cls]))
+    rest = [i for i in index if i not in keep]
+    keep |= set(rng.sample(rest, max(0, min(len(rest), size - len(keep)))))
+    return [room[i] for i in sorted(keep)]
+
+
+def draw_game(seed: int, task_type: str, world: str = "full") -> dict:
     """Draw one ALFRED-style problem (not yet checked by the expert). Deterministic in `seed`.
+
+    `world` is a key of WORLDS; a "full" draw is the same as before small worlds existed.
 
     Returns a dict with `pddl_problem`, `traj_data` (task_type, pddl_params), `fingerprint`
     (a hash of what the agent can see: receptacles, their contents, the goal) and `meta`.
@@ -206,6 +240,9 @@ def draw_game(seed: int, task_type: str) -> dict:
     room = _draw_room(kind, task_type, rng)
     obj_cls, recep_cls = rng.choice(_goal_candidates(task_type, room, kind))
     n_targets = rng.randint(2, 3) if task_type == "pick_two_obj_and_place" else rng.randint(1, 2)
+    sizes = WORLDS[world]
+    if world != "full":
+        room = _cut_room(room, task_type, obj_cls, recep_cls, rng.randint(*sizes["receptacles"]), rng)
 
     used_ids, used_locs = set(), set()
     receptacles = [(cls, _entity_id(cls, rng, used_ids)) for cls in room]
@@ -232,14 +269,17 @@ def draw_game(seed: int, task_type: str) -> dict:
         holders = [(c, rid) for c, rid in receptacles if c in LAMP_HOLDERS]
         lamp = ("DeskLamp", _entity_id("DeskLamp", rng, used_ids), rng.choice(holders)[1])
     distractor_classes = [c for c in ROOMS[kind]["objects"] if c != obj_cls]
-    for _ in range(rng.randint(max(6, len(room) // 2), max(10, len(room)))):
+    if world != "full":   # in a cut room, only classes that have a place there (so none is dropped)
+        distractor_classes = [c for c in distractor_classes if any(c in CAN_HOLD[r] for r in room)]
+    low, high = sizes["distractors"] or (max(6, len(room) // 2), max(10, len(room)))
+    for _ in range(rng.randint(low, high)):
         place(rng.choice(distractor_classes), hide=rng.random() < 0.3)
 
     alfred_type = TASK_TYPES[task_type]
     params = {"object_target": obj_cls, "parent_target": recep_cls, "mrecep_target": "",
               "toggle_target": "DeskLamp" if lamp else "", "object_sliced": False}
-    traj_data = {"task_type": alfred_type, "pddl_params": params, "task_id": f"opid_{seed}",
-                 "generator": {"version": GENERATOR_VERSION, "seed": seed, "room": kind}}
+    generator = {"version": GENERATOR_VERSION, "seed": seed, "room": kind} | ({"world": world} if world != "full" else {})
+    traj_data = {"task_type": alfred_type, "pddl_params": params, "task_id": f"opid_{seed}", "generator": generator}
     problem = _problem_text(seed, receptacles, rec_loc, agent_loc, objects, lamp, params, alfred_type)
 
     # what the agent can see, independent of coordinates: used to keep train and eval disjoint
@@ -323,17 +363,18 @@ def expert_solves(game_file: Path, max_steps: int = EXPERT_STEPS) -> int | None:
         return None
 
 
-def _make_game(job: tuple[str, int, str, str]) -> dict:
-    """Fill game slot `index` of a split: try seeds until the expert wins. Runs in a worker."""
-    split, index, task_type, folder = job
+def _make_game(job: tuple) -> dict:
+    """Fill game slot `index` of a split: try seeds until the expert wins within the world's horizon.
+    Runs in a worker. `job` is (split salt, index, task type, folder[, world]; default "full")."""
+    split, index, task_type, folder, world = job if len(job) == 5 else (*job, "full")
     for attempt in range(200):
         seed = int(hashlib.sha256(f"{split}/{index}/{attempt}".encode()).hexdigest()[:12], 16)
-        game = draw_game(seed, task_type)
+        game = draw_game(seed, task_type, world)
         game_dir = Path(folder) / f"{index:04d}_{task_type}"
         game_dir.mkdir(parents=True, exist_ok=True)
         (game_dir / "traj_data.json").write_text(json.dumps(game["traj_data"], indent=1))
         (game_dir / "game.tw-pddl").write_text(json.dumps(game_json(game["pddl_problem"], game["traj_data"], seed)))
-        steps = expert_solves(game_dir / "game.tw-pddl")
+        steps = expert_solves(game_dir / "game.tw-pddl", WORLDS[world]["max_steps"])
         if steps is not None:
             return {"index": index, "dir": game_dir.name, "seed": seed, "task_type": task_type,
                     "fingerprint": game["fingerprint"], "expert_steps": steps, "attempts": attempt + 1,
@@ -342,13 +383,14 @@ def _make_game(job: tuple[str, int, str, str]) -> dict:
     raise RuntimeError(f"no solvable game for {split} slot {index} ({task_type}) in 200 draws")
 
 
-def split_dir_name(split: str, n_games: int) -> str:
-    return f"{split}_n{n_games}_v{GENERATOR_VERSION}"
+def split_dir_name(split: str, n_games: int, world: str = "full") -> str:
+    """Cache folder name of a split; full-world names are those from before small worlds existed."""
+    return f"{split}{'' if world == 'full' else '_' + world}_n{n_games}_v{GENERATOR_VERSION}"
 
 
 def generate_split(split: str, n_games: int, out_dir: Path, exclude: set[str] = frozenset(),
-                   workers: int | None = None, progress: bool = True) -> list[dict]:
-    """Write `n_games` expert-solvable games to `out_dir` (which must not exist yet).
+                   workers: int | None = None, progress: bool = True, world: str = "full") -> list[dict]:
+    """Write `n_games` expert-solvable games of `world` size to `out_dir` (which must not exist yet).
 
     Task types cycle in slot order (slot i has type i mod 6), so any prefix of the split covers
     the types evenly. Games whose fingerprint is in `exclude` (another split's) are redrawn.
@@ -359,18 +401,14 @@ def generate_split(split: str, n_games: int, out_dir: Path, exclude: set[str] = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     start, records = time.time(), []
     try:
-        jobs = [(f"{salt}", i, types[i % len(types)], str(tmp)) for i in range(n_games)]
+        jobs = [(f"{salt}", i, types[i % len(types)], str(tmp), world) for i in range(n_games)]
         workers = workers or min(len(jobs), os.cpu_count() or 1, 8)
         # worker processes: a crashed worker raises (BrokenProcessPool) instead of hanging
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
         results = pool.map(_make_game, jobs) if pool else map(_make_game, jobs)
         try:
-            for record in results:
+            for record in tqdm(results, total=n_games, desc=f"{split} games ({world} world)", disable=not progress):
                 records.append(record)
-                if progress:
-                    sys.stderr.write(f"\r[worlds] {split}: {len(records)}/{n_games} games "
-                                     f"({time.time() - start:.0f} s)")
-                    sys.stderr.flush()
         finally:
             if pool:
                 pool.shutdown(cancel_futures=True)
@@ -380,12 +418,10 @@ def generate_split(split: str, n_games: int, out_dir: Path, exclude: set[str] = 
             while record["fingerprint"] in exclude:
                 clash += 1
                 shutil.rmtree(tmp / record["dir"])
-                job = (f"{salt}/clash{clash}", record["index"], record["task_type"], str(tmp))
+                job = (f"{salt}/clash{clash}", record["index"], record["task_type"], str(tmp), world)
                 record.update(_make_game(job))
-        if progress:
-            sys.stderr.write("\n")
         fingerprints = [r["fingerprint"] for r in records]
-        manifest = {"split": split, "n_games": n_games, "version": GENERATOR_VERSION,
+        manifest = {"split": split, "n_games": n_games, "version": GENERATOR_VERSION, "world": world,
                     "seconds": round(time.time() - start, 1), "games": records,
                     "duplicates_within_split": len(fingerprints) - len(set(fingerprints))}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -402,8 +438,8 @@ def generate_split(split: str, n_games: int, out_dir: Path, exclude: set[str] = 
 
 
 def ensure_split(split: str, n_games: int | None = None, train_games: int | None = None,
-                 workers: int | None = None) -> Path:
-    """Folder of the generated `split` ("train" or "eval"), generating it on first use.
+                 workers: int | None = None, world: str = DEFAULT_WORLD) -> Path:
+    """Folder of the generated `split` ("train" or "eval") of `world` size, generating it on first use.
 
     The eval split is drawn from its own seed range and checked against the train split of
     `train_games` games (default size 240), so that no game (room, contents, goal) is in both.
@@ -412,9 +448,11 @@ def ensure_split(split: str, n_games: int | None = None, train_games: int | None
     """
     if split not in DEFAULT_SIZES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(DEFAULT_SIZES)}")
+    if world not in WORLDS:
+        raise ValueError(f"unknown ALFWorld world size {world!r}; expected one of {sorted(WORLDS)}")
     n_games = n_games or DEFAULT_SIZES[split]
     train_games = train_games or DEFAULT_SIZES["train"]
-    name = split_dir_name(split, n_games)
+    name = split_dir_name(split, n_games, world)
     if split == "eval":
         name = name.replace(f"_v{GENERATOR_VERSION}", f"_vs{train_games}_v{GENERATOR_VERSION}")
     out_dir = cache_dir("alfworld") / name
@@ -422,9 +460,9 @@ def ensure_split(split: str, n_games: int | None = None, train_games: int | None
         return out_dir
     exclude: set[str] = set()
     if split == "eval":
-        train_dir = ensure_split("train", train_games, workers=workers)
+        train_dir = ensure_split("train", train_games, workers=workers, world=world)
         exclude = set(split_fingerprints(train_dir))
-    generate_split(split, n_games, out_dir, exclude=exclude, workers=workers)
+    generate_split(split, n_games, out_dir, exclude=exclude, workers=workers, world=world)
     return out_dir
 
 
@@ -457,6 +495,7 @@ if __name__ == "__main__":
     parser.add_argument("--split", choices=["train", "eval", "both"], default="both")
     parser.add_argument("--games", type=int, default=None, help="games per split (default 240 / 60)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--world", choices=sorted(WORLDS), default=DEFAULT_WORLD, help="world size (default small)")
     args = parser.parse_args()
     for name in (["train", "eval"] if args.split == "both" else [args.split]):
-        print(ensure_split(name, args.games, workers=args.workers))
+        print(ensure_split(name, args.games, workers=args.workers, world=args.world))

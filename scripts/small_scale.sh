@@ -3,7 +3,8 @@
 # step_only routing ablations vs Skill-SD, SEEDS seeds each, the same iterations (so about the same
 # environment steps) for every method; then one table and the learning curves.
 #
-#   bash scripts/small_scale.sh                        # ALFWorld, 3 seeds, 6 iterations of 4 × 4 rollouts
+#   bash scripts/small_scale.sh                        # ALFWorld (small worlds), 3 seeds, 6 iterations of 4 × 4
+#   EXTRA="--alfworld-world full" bash scripts/small_scale.sh   # the full-size worlds of the earlier results
 #   ENV=search bash scripts/small_scale.sh             # search QA, 3 seeds, 20 iterations of 8 × 8
 #   METHODS="grpo opid" SEEDS="0 1 2" bash scripts/small_scale.sh   # a subset (runs already done are skipped)
 #   PREFIX=alfworld-g16 METHODS="grpo opid" ITERS=12 EVAL_EVERY=6 EVAL_EPISODES=160 \

@@ -1,11 +1,11 @@
 """How well does a warm-started tiny ALFWorld agent act, and does it follow hints?
 
-Plays 30 eval-split games with the noisy expert (30 % random admissible actions, seed 5), keeps the
+Plays 30 eval-split games (held out from cloning; the small world unless --world full) with the noisy expert (30 % random admissible actions, seed 5), keeps the
 first 300 states, and compares the agent's greedy action with the expert's — once on the plain
 prompt and once with the rule analyzer's step hint for the expert's very action injected in OPID's
 format (the teacher's view when the hint is perfect). Prints accuracy by kind of action.
 
-    python scripts/warmstart_probe.py                      # the cached tiny agent (built if missing)
+    python scripts/warmstart_probe.py                      # the tiny agent (kept, cached, or built)
     python scripts/warmstart_probe.py --model FOLDER       # any tiny-style model folder
 """
 import argparse
@@ -22,9 +22,10 @@ import warmstart  # noqa: E402
 from environments import make_env  # noqa: E402
 
 
-def held_out_states(games: int = 30, limit: int = 300, seed: int = 5) -> list[tuple[str, str]]:
+def held_out_states(games: int = 30, limit: int = 300, seed: int = 5, world: str = "small") -> list[tuple[str, str]]:
     rng = random.Random(seed)
-    env = make_env("alfworld", split="eval", think=False, history_length=warmstart.TINY_HISTORY["alfworld"])
+    env = make_env("alfworld", split="eval", think=False, history_length=warmstart.TINY_HISTORY["alfworld"],
+                   world=world)
     states = []
     for game in range(games):
         _, info = env.reset(game)
@@ -52,10 +53,11 @@ def accuracy(model, tokenizer, prompts: list[str], targets: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (default: the cached tiny ALFWorld agent)")
+    parser.add_argument("--model", default=None, help="model folder (default: the tiny ALFWorld agent of --world)")
+    parser.add_argument("--world", choices=["small", "full"], default="small", help="generated world size")
     args = parser.parse_args()
-    model, tokenizer = policy.load_policy(args.model or str(warmstart.tiny_agent_folder("alfworld")))
-    states = held_out_states()
+    model, tokenizer = policy.load_policy(args.model or str(warmstart.tiny_agent_folder("alfworld", world=args.world)))
+    states = held_out_states(world=args.world)
     prompts, targets = [p for p, _ in states], [t for _, t in states]
     hinted = [skills.inject_skills(p, None, rule_analyzer.step_hint_for_action(t)) for p, t in states]
     print("plain prompt :", accuracy(model, tokenizer, prompts, targets))

@@ -31,13 +31,14 @@ def fixed_batch_gradient(model_folder: str, samples, accelerator) -> list[torch.
     length = 8
     mask = train.padded([[1.0] * len(s.response_ids) for s in samples], length)
     plan = ppo.update_plan(samples, cfg, accelerator, random.Random(0))
-    groups = [g for step in plan for g in step["micro_batches"] if g]
+    groups = ppo.pad_groups([g for step in plan for g in step["micro_batches"] if g], accelerator)  # FSDP: equal counts
     old = torch.nn.functional.pad(ppo.score_samples(model, samples, groups, cfg, accelerator),
                                   (0, length - max(len(s.response_ids) for s in samples)))
     advantages = torch.tensor([[1.0 - 0.5 * s.traj_uid] for s in samples]) * mask
     ref = (old - 0.1) * mask
     ppo.update(model, optimizer, accelerator, samples, plan, advantages, old, ref, None, None, mask, cfg)
-    return [p.grad.detach().clone() for p in accelerator.unwrap_model(model).parameters()]
+    grads = [p.grad.detach().clone() for p in accelerator.unwrap_model(model).parameters()]
+    return [g.full_tensor() if hasattr(g, "full_tensor") else g for g in grads]  # FSDP: gather the shards
 
 
 def main() -> None:

@@ -1,6 +1,8 @@
 """ALFWorld on the real engine: generated games, splits, the expert, the environment contract."""
+import hashlib
 import json
 import random
+import re
 
 import pytest
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
@@ -43,6 +45,40 @@ def test_drawn_games_follow_alfred_rules():
                 assert params["toggle_target"] == "DeskLamp" and "(toggleable DeskLamp_bar_" in problem
             if task_type == "pick_clean_then_place":
                 assert "_bar_SinkBasin - receptacle" in problem
+
+
+def test_full_world_draws_are_those_of_the_earlier_generator():
+    # sha256 of the same draws made by the generator before small worlds existed (commit 41a08ee)
+    draws = [worlds.draw_game(seed, task_type) for seed in range(3) for task_type in worlds.TASK_TYPES]
+    digest = hashlib.sha256(json.dumps(draws, sort_keys=True).encode()).hexdigest()
+    assert digest == "a9edae8357e5ebec7cdecdf878252bd89cab5fda8961c01b5e4b3e629680f45b"
+    assert worlds.split_dir_name("train", 240, "full") == "train_n240_v1"   # old caches stay valid
+    assert worlds.split_dir_name("train", 240, "small") == "train_small_n240_v1"
+
+
+def test_small_world_keeps_what_the_task_needs():
+    for seed in range(20):
+        for task_type in worlds.TASK_TYPES:
+            game = worlds.draw_game(seed, task_type, "small")
+            problem, params = game["pddl_problem"], game["traj_data"]["pddl_params"]
+            receptacles = re.findall(r"\(receptacleType \w+_bar_\S+ (\w+)Type\)", problem)  # not the goal's ?r
+            assert 4 <= len(receptacles) == game["n_receptacles"] <= 6
+            if params["parent_target"]:
+                assert params["parent_target"] in receptacles
+            appliance = worlds.APPLIANCE.get(task_type)
+            assert appliance is None or appliance in receptacles
+            if task_type == "look_at_obj_in_light":
+                assert set(receptacles) & set(worlds.LAMP_HOLDERS)
+            targets = len(re.findall(rf"\(objectType \w+_bar_\S+ {params['object_target']}Type\)", problem))
+            distractors = game["n_objects"] - targets - (task_type == "look_at_obj_in_light")
+            assert 2 <= distractors <= 4 and targets >= 1
+            assert game["traj_data"]["generator"]["world"] == "small"
+
+
+def test_small_world_env_has_the_short_horizon(splits):
+    assert alfworld_env.AlfWorldEnv(split="train", n_games=6, think=False).max_steps == worlds.WORLDS["small"]["max_steps"] == 20
+    with pytest.raises(ValueError, match="world size"):
+        alfworld_env.AlfWorldEnv(split="train", n_games=6, world="huge")
 
 
 def test_splits_disjoint_and_cover_all_types(splits):

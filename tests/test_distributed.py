@@ -131,3 +131,52 @@ def test_update_plan_pads_to_the_partners_micro_batch_count_and_counts_global_to
     plan = ppo.update_plan(samples, cfg, TwoProcessStandIn(3, [1, 2], [4, 8]), random.Random(0))
     assert [step["micro_batches"] for step in plan] == [[[]], [[0], []]]
     assert [step["tokens"] for step in plan] == [4.0, 13.0]
+
+
+def test_fsdp_two_processes_with_uneven_episode_lengths_stay_in_lock_step(model_and_samples, tmp_path, small_cache):
+    """configs/accelerate_fsdp.yaml through `accelerate launch`, 2 CPU processes (FSDP2 over gloo):
+    process 1's episodes last 1 step, process 0's 3. Before this, train.py refused FSDP; with
+    `ppo.lockstep` forced off, the run dies in the first scoring pass (process 1 runs 1 micro-batch,
+    process 0 runs 3, their all-gathers no longer pair: gloo "Connection reset by peer")."""
+    from accelerate import Accelerator
+    from environments import make_env
+
+    folder, samples = model_and_samples
+    make_env("search", split="train")
+    env = dict(os.environ, OPID_CACHE=str(small_cache), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate_fsdp.yaml"),
+            "--num_processes", "2", "--main_process_port", str(free_port()), str(ROOT / "tests" / "fsdp_worker.py"),
+            str(folder), str(tmp_path / "samples.pt"), str(tmp_path / "grads.pt"), str(tmp_path / "runs")]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    # the sharded, uneven (3 / 1 samples, padding micro-batches) gradient equals one process's on all four
+    single = load_worker().fixed_batch_gradient(str(folder), samples, Accelerator(cpu=True))
+    sharded = torch.load(tmp_path / "grads.pt")
+    assert len(sharded) == len(single)
+    for g2, g1 in zip(sharded, single):
+        torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-4)  # fp32; only the summation order differs
+
+    run = tmp_path / "runs" / "fsdp"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["updates"]) for r in records] == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2),
+                                                            ("train", 3), ("eval", 3)]
+    for r in records:
+        if r["kind"] == "train":  # process 0: 2 groups × 2 copies × 3 steps; process 1: 1 × 2 × 1
+            assert r["processes"] == 2 and r["samples"] == 14 and r["grad_norm"] > 0
+        else:  # 3 episodes: 2 on process 0 (3 steps), 1 on process 1 (1 step)
+            assert r["eval/mean_steps"] == pytest.approx(7 / 3)
+    # both processes asked "everyone done?" equally often; process 1 idled in dummy generate calls:
+    # 6 rollouts (3 evaluations, 3 iterations) × (3 steps + the final check), 2 idle steps each
+    calls = [json.loads((tmp_path / "runs" / f"lockstep-{r}.json").read_text()) for r in (0, 1)]
+    assert calls == [{"everyone_finished": 24, "dummy_generate": 0}, {"everyone_finished": 24, "dummy_generate": 12}]
+    # the checkpoint holds the whole model (gathered from the shards), trained away from the start
+    trained, _ = policy.load_policy(str(run / "checkpoint" / "model"), device="cpu")
+    initial, _ = policy.load_policy(str(folder), device="cpu")
+    initial_weights = initial.state_dict()
+    assert trained.state_dict().keys() == initial_weights.keys()
+    for name, weight in trained.state_dict().items():
+        assert weight.shape == initial_weights[name].shape
+    assert sum(not torch.equal(w, initial_weights[n]) for n, w in trained.state_dict().items()) > 0
+    optimizer_state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["optimizer"]
+    assert len(optimizer_state["state"]) == len(list(initial.parameters()))  # every parameter's AdamW moments

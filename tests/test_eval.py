@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import eval as ev
+import warmstart
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -130,8 +131,8 @@ def tiny_folder(tmp_path_factory):
     for i in range(6):
         env.reset(i)
         texts += [env.prompt(), env.expert_action()]
-    tokenizer = policy.train_tiny_tokenizer(texts, vocab_size=1024)
-    model = policy.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128)
+    tokenizer = warmstart.train_tiny_tokenizer(texts, vocab_size=1024)
+    model = warmstart.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128)
     return policy.save_policy(model, tokenizer, tmp_path_factory.mktemp("tiny") / "model")
 
 
@@ -242,12 +243,3 @@ def test_compare_writes_curves_png_beside_the_output_by_default(fake_runs, tmp_p
     assert (tmp_path / "cmp" / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_before_after_table_by_hand():
-    records = [{**ev_line(3, 300, 0.25, 0.5), "eval/invalid_rate": 0.125, "split": "train"},
-               train_line(1, 100, 0.0, 1.0),
-               {**ev_line(0, 0, 0.1, 0.2), "eval/invalid_rate": 0.3, "split": "train"}]
-    header, rule, success, score, invalid = ev.before_after_table(records).splitlines()
-    assert header == "| eval (train split) | after 0 updates | after 3 updates |" and rule == "|---|---|---|"
-    assert success == "| success | 0.100 | 0.250 |" and score == "| score | 0.200 | 0.500 |"
-    assert invalid == "| invalid rate | 0.300 | 0.125 |"
-    assert ev.before_after_table([train_line(1, 100, 0.0, 1.0)]) == ""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import policy
+import warmstart
 
 TEXTS = [
     "You are in the middle of a room. Looking quickly around you, you see a cabinet 1, "
@@ -24,12 +25,12 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return policy.train_tiny_tokenizer(TEXTS * 4, vocab_size=400)
+    return warmstart.train_tiny_tokenizer(TEXTS * 4, vocab_size=400)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
-    return policy.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=4,
+    return warmstart.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=4,
                                    intermediate_size=128, max_positions=512, seed=0)
 
 
@@ -96,7 +97,7 @@ def mask_test_tokenizer_and_model(tiny_tokenizer):
             policy.chat_prompt_ids(tok, "hi"))
     else:
         tok = tiny_tokenizer
-    model = policy.build_tiny_model(tok, hidden_size=32, num_layers=1, heads=2,
+    model = warmstart.build_tiny_model(tok, hidden_size=32, num_layers=1, heads=2,
                                     intermediate_size=64, max_positions=1024, seed=1)
     return tok, model
 
@@ -187,7 +188,7 @@ def test_sampling_draws_from_the_distribution_the_logprobs_describe(tokenizer):
     """E_y~p[log p(y)] = −H(p): the mean recorded log-prob of sampled tokens must match minus
     the mean entropy. A hidden top-k (transformers' default top_k=50), a temperature applied
     in sampling but not in the log-probs, or any other distortion breaks the equality."""
-    model = policy.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=4,
+    model = warmstart.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=4,
                                     intermediate_size=128, max_positions=512, seed=2)
     with torch.no_grad():  # sharper than a fresh init, so that temperature matters
         model.lm_head.weight.mul_(3.0)
@@ -228,12 +229,12 @@ def test_greedy_generation_ignores_model_sampling_defaults(tokenizer, tiny_model
 # ---------------------------------------------------------------------------------------------
 
 def test_behaviour_cloning_lowers_loss_and_generation_follows(tokenizer):
-    model = policy.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=4,
+    model = warmstart.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=4,
                                     intermediate_size=128, max_positions=512, seed=3)
     examples = [("You see a fridge 1.", "<action>open fridge 1</action>"),
                 ("You see a mug 1.", "<action>take mug 1</action>"),
                 ("Nothing happens.", "<action>look</action>")]
-    losses = policy.behaviour_clone(model, tokenizer, examples * 4, epochs=40, lr=5e-3,
+    losses = warmstart.behaviour_clone(model, tokenizer, examples * 4, epochs=40, lr=5e-3,
                                     batch_size=4, seed=0, log_every=0)
     assert len(losses) == 40 * 3
     assert sum(losses[-3:]) / 3 < 0.1 * sum(losses[:3]) / 3
@@ -253,7 +254,7 @@ def test_clone_losses_match_unpadded_per_token_nll(tokenizer, tiny_model):
     responses = [tokenizer.encode(r, add_special_tokens=False) + [tokenizer.eos_token_id] for _, r in pairs]
     batch = policy.pad_batch(prompts, responses, tokenizer.pad_token_id)
     with torch.no_grad():
-        response_loss, prompt_loss = policy.clone_losses(tiny_model, batch)
+        response_loss, prompt_loss = warmstart.clone_losses(tiny_model, batch)
         sums, counts = {"response": 0.0, "prompt": 0.0}, {"response": 0, "prompt": 0}
         for p, r in zip(prompts, responses):
             ids = torch.tensor([p + r])
@@ -269,7 +270,7 @@ def test_clone_losses_match_unpadded_per_token_nll(tokenizer, tiny_model):
 
 
 def test_behaviour_cloning_with_prompt_loss_learns_both(tokenizer):
-    model = policy.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=4,
+    model = warmstart.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=4,
                                     intermediate_size=128, max_positions=512, seed=3)
     examples = [("You see a fridge 1.", "<action>open fridge 1</action>"),
                 ("You see a mug 1.", "<action>take mug 1</action>")]
@@ -277,11 +278,11 @@ def test_behaviour_cloning_with_prompt_loss_learns_both(tokenizer):
                              [tokenizer.encode(r, add_special_tokens=False) for _, r in examples],
                              tokenizer.pad_token_id)
     with torch.no_grad():
-        before = policy.clone_losses(model, batch)
-    losses = policy.behaviour_clone(model, tokenizer, examples * 4, epochs=40, lr=5e-3, batch_size=4,
+        before = warmstart.clone_losses(model, batch)
+    losses = warmstart.behaviour_clone(model, tokenizer, examples * 4, epochs=40, lr=5e-3, batch_size=4,
                                     seed=0, prompt_loss_weight=1.0, warmup_steps=5, log_every=0)
     with torch.no_grad():
-        after = policy.clone_losses(model, batch)
+        after = warmstart.clone_losses(model, batch)
     assert len(losses) == 40 * 2
     assert after[0] < 0.1 * before[0] and after[1] < 0.5 * before[1]
 
@@ -436,3 +437,26 @@ def test_gradients_flow_only_through_response_tokens(tokenizer, tiny_model):
     total = logprobs[2, :4].sum().item()
     expected, _ = full_sequence_logprobs(tiny_model, prompts[2], responses[2])
     assert math.isclose(total, expected.sum().item(), abs_tol=1e-4)
+
+
+def test_empty_groups_run_one_forward_each_only_when_asked(tokenizer, tiny_model):
+    """FSDP padding (`run_empty`): each empty group is one extra forward call and changes no number;
+    without it empty groups are skipped; with no rows at all the result is zeros of the right shape."""
+    prompts = prompts_of_different_lengths(tokenizer)
+    responses = [[5, 6, 7], [8], [9, 10]]
+    calls = []
+    hook = tiny_model.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        plain, plain_mask, _ = policy.response_logprobs(tiny_model, prompts, responses, groups=[[0, 2], [], [1]])
+        assert len(calls) == 2
+        padded, padded_mask, _ = policy.response_logprobs(tiny_model, prompts, responses, groups=[[0, 2], [], [1], []],
+                                                          run_empty=True)
+        assert len(calls) == 2 + 4
+        nothing, nothing_mask, entropy = policy.response_logprobs(tiny_model, [], [], groups=[[], []], run_empty=True,
+                                                                  with_entropy=True)
+        assert len(calls) == 2 + 4 + 2
+    finally:
+        hook.remove()
+    assert torch.equal(padded, plain) and torch.equal(padded_mask, plain_mask)
+    assert plain_mask.sum(dim=1).tolist() == [3, 1, 2]
+    assert nothing.shape == (0, 1) and nothing_mask.shape == (0, 1) and entropy.shape == (0, 1)

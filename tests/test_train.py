@@ -16,6 +16,7 @@ import rollout
 import skills
 import ppo
 import train
+import warmstart
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("You are an agent in a small test world.\n"
@@ -30,8 +31,8 @@ PROMPT = ("You are an agent in a small test world.\n"
 def tiny():
     torch.manual_seed(0)
     texts = [PROMPT, "<action>take mug 1 from countertop 1</action>", "Critical-Step Skill Episode-Level Skill"] * 3
-    tokenizer = policy.train_tiny_tokenizer(texts, vocab_size=400)
-    model = policy.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128)
+    tokenizer = warmstart.train_tiny_tokenizer(texts, vocab_size=400)
+    model = warmstart.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128)
     model.eval()
     return model, tokenizer
 
@@ -189,8 +190,8 @@ def model_dir(tmp_path_factory):
             texts.append(env.prompt())
     texts += ["<action>go to cabinet 1</action>", "<search>who</search>", "<answer>x</answer>", "click[buy now]"]
     torch.manual_seed(0)
-    tokenizer = policy.train_tiny_tokenizer(texts, vocab_size=1024)
-    model = policy.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128)
+    tokenizer = warmstart.train_tiny_tokenizer(texts, vocab_size=1024)
+    model = warmstart.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128)
     folder = tmp_path_factory.mktemp("model") / "tiny-random"
     policy.save_policy(model, tokenizer, folder)
     return folder
@@ -475,3 +476,18 @@ def test_evaluation_progress_bar_counts_episodes_on_a_terminal_only(model_dir, m
     terminal, piped = outputs
     assert "eval test:" in terminal and "0/3" in terminal and "episode" in terminal
     assert piped == ""  # a pipe or a log file gets no bar at all
+
+
+def test_before_after_table_by_hand(tmp_path):
+    records = [{"kind": "eval", "updates": 0, "env_steps": 0, "eval/success_rate": 0.2, "eval/invalid_rate": 0.4},
+               {"kind": "train", "updates": 1},
+               {"kind": "eval", "updates": 5, "env_steps": 1234, "eval/success_rate": 0.3, "eval/invalid_rate": 0.25}]
+    table = train.before_after_table(records, 60, 60, "eval", tmp_path)
+    lines = table.splitlines()
+    assert "60 episodes over 60 games" in lines[0]
+    # standard errors sqrt(.2·.8/60) = 0.0516, sqrt(.3·.7/60) = 0.0592; change ± sqrt(0.0516² + 0.0592²) = 0.0785
+    assert lines[2].split()[:5] == ["start", "0", "0", "0.200", "±"] and "0.052" in lines[2] and "0.400" in lines[2]
+    assert lines[3].split()[:4] == ["end", "5", "1234", "0.300"] and "0.059" in lines[3] and "0.250" in lines[3]
+    assert "+0.100 ± 0.079" in lines[4] and "-0.150" in lines[4]
+    assert str(tmp_path / "metrics.jsonl") in lines[5]
+    assert "no evaluation" in train.before_after_table(records[1:2], 60, 60, "eval", tmp_path)

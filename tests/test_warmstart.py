@@ -38,11 +38,10 @@ def test_the_tiny_response_budget_fits_every_cloned_target():
     """Every expert response the tiny agent is cloned on, plus its closing EOS, fits in the
     generation budget training and evaluation give it: a cut-off action is invalid however well
     the agent learned it (a 24-token cap truncated WebShop's instruction-long first search)."""
-    import policy
     import train
     for env_name in ("webshop", "search"):
         examples = warmstart.demonstrations(env_name, episodes=40, noise=0.3, hint_share=0.0, seed=0)
-        tokenizer = policy.train_tiny_tokenizer([p for p, _ in examples[:200]] + [r for _, r in examples])
+        tokenizer = warmstart.train_tiny_tokenizer([p for p, _ in examples[:200]] + [r for _, r in examples])
         longest = max(len(tokenizer.encode(r, add_special_tokens=False)) + 1 for _, r in examples)
         budget = train.resolve_defaults(train.Config(env=env_name)).max_new_tokens
         assert budget == warmstart.TINY_MAX_NEW_TOKENS[env_name]
@@ -52,14 +51,13 @@ def test_the_tiny_response_budget_fits_every_cloned_target():
 
 
 def test_spaced_targets_keep_the_prompt_token_of_a_copied_name():
-    import policy
     assert warmstart.respond(None, "<search>Rilbrir Bemstund born</search>", spaced=True) == \
         "<search> Rilbrir Bemstund born </search>"
     assert warmstart.respond(None, "<answer> 1831</answer>", spaced=True) == "<answer> 1831 </answer>"
     assert warmstart.respond(None, "go to shelf 1", spaced=True) == "<action> go to shelf 1 </action>"
     assert warmstart.respond(None, "go to shelf 1") == "<action>go to shelf 1</action>"  # the default is unchanged
     question = "In what year was Rilbrir Bemstund born?"
-    tokenizer = policy.train_tiny_tokenizer([question, "Rilbrir Bemstund", "<search>Rilbrir"] * 20)
+    tokenizer = warmstart.train_tiny_tokenizer([question, "Rilbrir Bemstund", "<search>Rilbrir"] * 20)
     name = tokenizer.encode(" Rilbrir", add_special_tokens=False)
     in_question = tokenizer.encode(question, add_special_tokens=False)
     spaced = tokenizer.encode(warmstart.respond(None, "<search>Rilbrir Bemstund born</search>", spaced=True),
@@ -106,3 +104,86 @@ def test_cloned_examples_do_not_depend_on_the_validity_rule(env_name, monkeypatc
     monkeypatch.setattr(warmstart, "make_env", lambda name, **kw: environments.make_env(name, validity="admissible", **kw))
     admissible_only = warmstart.demonstrations(env_name, episodes=3, noise=0.3, hint_share=0.5, seed=0)
     assert format_only == admissible_only and any("Skill" in p for p, _ in format_only)
+
+
+def test_action_hint_copies_name_the_expert_action(small_cache):
+    import re
+
+    import rule_analyzer
+    import skills
+    examples = warmstart.demonstrations("alfworld", episodes=2, noise=0.3, hint_share=0.0, seed=0,
+                                        world="small", action_hint_share=1.0)
+    plain = [(p, r) for p, r in examples if skills.STEP_TITLE not in p]
+    hinted = [(p, r) for p, r in examples if skills.STEP_TITLE in p]
+    assert len(plain) == len(hinted) > 0           # share 1: one hinted copy of every step, right after it
+    for (prompt, target), (hinted_prompt, hinted_target) in zip(plain, hinted):
+        assert hinted_target == target
+        action = re.fullmatch(r"<action>(.*)</action>", target).group(1)
+        assert hinted_prompt == skills.inject_skills(prompt, None, rule_analyzer.step_hint_for_action(action))
+    # a share of 0 draws nothing more from the random stream: the earlier recipes rebuild as they were
+    assert warmstart.demonstrations("alfworld", 2, 0.3, 0.5, seed=0, world="small") == \
+        warmstart.demonstrations("alfworld", 2, 0.3, 0.5, seed=0, world="small", action_hint_share=0.0)
+
+
+def test_label_smoothing_of_the_response_loss_by_hand():
+    import math
+
+    import torch
+
+    from policy import pad_batch
+
+    class ConstantLogits(torch.nn.Module):
+        """Every position predicts p = (1/4, 1/4, 1/2) over a 3-token vocabulary."""
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, **kwargs):
+            logits = torch.tensor([0.0, 0.0, math.log(2.0)]).expand(*input_ids.shape, 3) + self.weight
+            return type("Out", (), {"logits": logits})()
+
+    batch = pad_batch([[1]], [[2, 0]], pad_id=0)      # response tokens 2 (p = 1/2) and 0 (p = 1/4)
+    plain, _ = warmstart.clone_losses(ConstantLogits(), batch)
+    smoothed, _ = warmstart.clone_losses(ConstantLogits(), batch, label_smoothing=0.1)
+    ln2 = math.log(2.0)
+    assert plain.item() == pytest.approx(1.5 * ln2)                    # (ln 2 + ln 4) / 2
+    # 0.9 · NLL + 0.1 · mean_v(−log p_v) = 0.9 · 1.5 ln 2 + 0.1 · (ln 4 + ln 4 + ln 2) / 3
+    assert smoothed.item() == pytest.approx(0.9 * 1.5 * ln2 + 0.1 * 5 * ln2 / 3)
+
+
+def test_kept_alfworld_agent_is_a_build_of_the_current_recipe():
+    """The weights kept in the repository are used instead of a build only while they are a build of
+    today's recipe; change the recipe (or MODEL_SIZE, VERSION) and this fails until
+    `python warmstart.py alfworld --keep` has rebuilt them."""
+    import hashlib
+    import json
+    folder = warmstart.KEPT_AGENTS / warmstart.agent_name("alfworld")
+    meta = json.loads((folder / "warmstart.json").read_text())
+    assert meta["recipe_hash"] == warmstart.recipe_hash(warmstart.RECIPES["alfworld"])
+    assert warmstart.full_recipe(meta["recipe"]) == warmstart.full_recipe(warmstart.RECIPES["alfworld"])
+    assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == meta["weights_sha256"]
+    assert warmstart.tiny_agent_folder("alfworld") == folder     # served without a build
+
+
+def test_recipe_hash_changes_with_every_input(monkeypatch):
+    recipe = warmstart.RECIPES["alfworld"]
+    base = warmstart.recipe_hash(recipe)
+    assert warmstart.recipe_hash(dict(recipe)) == base
+    assert warmstart.recipe_hash({**recipe, "epochs": recipe["epochs"] + 1}) != base
+    assert warmstart.recipe_hash({**recipe, "label_smoothing": 0.3}) != base
+    monkeypatch.setattr(warmstart, "MODEL_SIZE", {**warmstart.MODEL_SIZE, "num_layers": 3})
+    assert warmstart.recipe_hash(recipe) != base
+
+
+def test_a_build_is_bit_identical_when_repeated(small_cache, tmp_path):
+    """What `python warmstart.py alfworld --keep` relies on, at a small scale: the same recipe builds
+    the same bits (demonstrations, tokenizer, initialisation and cloning are all seeded)."""
+    import json
+    recipe = dict(episodes=2, noise=0.3, hint_share=0.5, epochs=1, max_examples=48, prompt_loss_weight=1.0,
+                  world="small", action_hint_share=0.5)
+    digests = []
+    for name in ("a", "b"):
+        warmstart.build_tiny_agent("alfworld", tmp_path / name, recipe)
+        digests.append(json.loads((tmp_path / name / "warmstart.json").read_text())["weights_sha256"])
+    assert digests[0] == digests[1]
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
