@@ -36,6 +36,7 @@ import torch
 import policy
 import ppo
 import searchqa
+import warmstart
 from environments import make_env
 from envs import cache_dir
 
@@ -98,14 +99,14 @@ def alfworld_prompts(n: int, think: bool, history_length: int = 2, games: int = 
 
 
 def load_bench_model(name: str, games: int = 0):
-    """(model, tokenizer, description). `tiny`: the warm-started ALFWorld agent when it is already
-    cached (never built here: that takes minutes), else a random-initialised tiny model of the same
+    """(model, tokenizer, description). `tiny`: the warm-started ALFWorld agent when it is kept in
+    agents/ or already cached (never built here: that takes minutes), else a random-initialised tiny model of the same
     size with a 1024-token BPE trained on a few ALFWorld prompts."""
     if name != "tiny":
         model, tokenizer = policy.load_policy(name)
         return model.eval(), tokenizer, f"{name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)"
-    import warmstart
-    folder = cache_dir("models") / f"tiny-alfworld-v{warmstart.VERSION}"
+    kept = warmstart.KEPT_AGENTS / warmstart.agent_name("alfworld")
+    folder = kept if kept.exists() else cache_dir("models") / warmstart.agent_name("alfworld")
     if (folder / "warmstart.json").exists():
         model, tokenizer = policy.load_policy(str(folder))
         what = f"warm-started tiny agent {folder.name}"
@@ -536,7 +537,7 @@ def bench_gpu(out_dir: str, toy: bool = False, envs: tuple = ("search", "alfworl
         for k in range(8):
             env.reset(k % env.num_tasks())
             texts.append(env.prompt())
-    tokenizer = policy.train_tiny_tokenizer(texts + ["<think>", "</think>", "<action>", "</action>", "<search>",
+    tokenizer = warmstart.train_tiny_tokenizer(texts + ["<think>", "</think>", "<action>", "</action>", "<search>",
                                                      "</search>", "<answer>", "</answer>"], 1024 if toy else 8192)
     url = start_retrieval_server()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

@@ -123,7 +123,7 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
     analyzer = rule_analyzer.RuleBasedAnalyzer()
     k = {"alfworld": 5, "webshop": 5, "search": 2}[env_name]
     examples = []
-    for episode in tqdm(range(episodes), desc=f"{env_name} demonstrations", leave=False):
+    for episode in tqdm(range(episodes), desc=f"{env_name} demonstrations", leave=False, disable=None):
         _, info = env.reset(episode % env.num_tasks())
         steps, records, expert_actions, done = [], [], [], False
         while not done:
@@ -339,7 +339,7 @@ def behaviour_clone(model, tokenizer, examples: list[tuple[str, str]], *, epochs
     was_training = model.training
     model.train()
     losses = []
-    bar = tqdm(total=total, desc="behaviour cloning", disable=not log_every)
+    bar = tqdm(total=total, desc="behaviour cloning", disable=None if log_every else True)  # None: no bar off a terminal
     for epoch in range(epochs):
         order = list(range(len(samples)))
         rng.shuffle(order)

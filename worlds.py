@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -407,7 +408,8 @@ def generate_split(split: str, n_games: int, out_dir: Path, exclude: set[str] = 
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
         results = pool.map(_make_game, jobs) if pool else map(_make_game, jobs)
         try:
-            for record in tqdm(results, total=n_games, desc=f"{split} games ({world} world)", disable=not progress):
+            for record in tqdm(results, total=n_games, desc=f"{split} games ({world} world)",
+                               disable=None if progress else True):  # None: no bar in a pipe or a log file
                 records.append(record)
         finally:
             if pool:
@@ -425,6 +427,9 @@ def generate_split(split: str, n_games: int, out_dir: Path, exclude: set[str] = 
                     "seconds": round(time.time() - start, 1), "games": records,
                     "duplicates_within_split": len(fingerprints) - len(set(fingerprints))}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if progress:  # one whole line also when the bar is off (a pipe or a log file)
+            print(f"[worlds] generated {n_games} {split} games ({world} world) in {manifest['seconds']:.0f}s",
+                  file=sys.stderr, flush=True)
         try:
             os.rename(tmp, out_dir)        # atomic: readers see all of the split or none of it
         except OSError:

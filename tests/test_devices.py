@@ -14,6 +14,7 @@ from accelerate import Accelerator
 
 import opid
 import policy
+import warmstart
 import rollout
 import ppo
 import train
@@ -28,12 +29,12 @@ PROMPT = ("You are an agent in a small test world.\n"
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = [PROMPT, "<action>take mug 1 from countertop 1</action>", "go to cabinet 1 open fridge 1"] * 3
-    return policy.train_tiny_tokenizer(texts, vocab_size=400)
+    return warmstart.train_tiny_tokenizer(texts, vocab_size=400)
 
 
 @pytest.fixture(scope="module")
 def model_folder(tokenizer, tmp_path_factory):
-    model = policy.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128, seed=1)
+    model = warmstart.build_tiny_model(tokenizer, hidden_size=64, num_layers=2, heads=2, intermediate_size=128, seed=1)
     return policy.save_policy(model, tokenizer, tmp_path_factory.mktemp("model") / "tiny-random")
 
 

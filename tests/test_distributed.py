@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import policy
+import warmstart
 import rollout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,8 +40,8 @@ def free_port() -> int:
 @pytest.fixture
 def model_and_samples(tmp_path):
     texts = ["Your question: who founded the company? <search>founder</search> <answer>x</answer>"] * 4
-    tokenizer = policy.train_tiny_tokenizer(texts, vocab_size=300)
-    model = policy.build_tiny_model(tokenizer, hidden_size=32, num_layers=2, heads=2, intermediate_size=64, seed=3)
+    tokenizer = warmstart.train_tiny_tokenizer(texts, vocab_size=300)
+    model = warmstart.build_tiny_model(tokenizer, hidden_size=32, num_layers=2, heads=2, intermediate_size=64, seed=3)
     folder = policy.save_policy(model, tokenizer, tmp_path / "model")
     samples = []
     for i in range(4):  # prompts and responses of different lengths

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import policy
+import warmstart
 import rollout
 import run_folder
 import skills as S
@@ -38,8 +39,8 @@ def tiny():
     torch.manual_seed(0)
     texts = [PROMPT, "<search>Brenmoor founder</search>", "<answer>Rilbrir Bemstund</answer>",
              GOOD["episode_skill"], "Critical-Step Skill Episode-Level Skill"] * 3
-    tokenizer = policy.train_tiny_tokenizer(texts, vocab_size=400)
-    model = policy.build_tiny_model(tokenizer, hidden_size=32, num_layers=1, heads=2, intermediate_size=64)
+    tokenizer = warmstart.train_tiny_tokenizer(texts, vocab_size=400)
+    model = warmstart.build_tiny_model(tokenizer, hidden_size=32, num_layers=1, heads=2, intermediate_size=64)
     model.eval()
     return model, tokenizer
 
