@@ -309,7 +309,7 @@ _SEARCH_CACHE: dict[tuple, list[int]] = {}
 
 def search_products(catalogue: dict, query: str) -> list[int]:
     """Indices of the top `MAX_RESULTS` products for `query` (only products sharing a term)."""
-    import bm25s
+    import bm25s  # third-party, imported here so building or loading a catalogue alone does not need it
     key = (catalogue["seed"], len(catalogue["products"]))
     if (key, query) in _SEARCH_CACHE:
         return _SEARCH_CACHE[(key, query)]

@@ -40,6 +40,7 @@ from pathlib import Path
 import alfworld
 import alfworld.gen.constants as alfred_constants
 import alfworld.gen.goal_library as goal_library
+from alfworld.agents.utils.misc import add_task_to_grammar
 from tqdm.auto import tqdm
 
 from alfworld_engine import load_game
@@ -331,7 +332,6 @@ def _problem_text(seed, receptacles, rec_loc, agent_loc, objects, lamp, params, 
 
 def game_json(problem: str, traj_data: dict, seed: int) -> dict:
     """The `game.tw-pddl` content: domain, grammar with the task sentence, problem."""
-    from alfworld.agents.utils.misc import add_task_to_grammar
     domain = (ALFWORLD_DATA / "alfred.pddl").read_text()
     grammar = (ALFWORLD_DATA / "alfred.twl2").read_text()
     with seeded_global_random(seed):   # the sentence template is drawn with `random.choice`
