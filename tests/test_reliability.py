@@ -245,8 +245,8 @@ def test_training_continues_and_counts_the_failure(tiny, reply, expected):
     base, tokenizer = tiny
     model = copy.deepcopy(base)
     trajs = batch(model, tokenizer)
-    cfg = train.resolve_defaults(train.Config(env="search", mini_batch_size=8, micro_batch_size=4, kl_coef=0.0, lr_warmup_ratio=0.0,
-                                              analyzer="openai", analyzer_workers=2))
+    cfg = train.resolve_defaults(train.Config(env="search", mini_batch_size=8, micro_batch_size=4, kl_coef=0.0,
+                                              lr_warmup_ratio=0.0, analyzer="openai", analyzer_workers=2))
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with FakeServer(reset if reply is None else answer(reply)) as server:
