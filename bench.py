@@ -8,7 +8,7 @@
 
 `generate`: rollout-engine throughput (`policy.generate`, which also records log π_old per token)
 against a bare `model.generate` on the same prompts, and the update's forward+backward tokens/s.
-`opid-cost`: OPID's learning step against GRPO's on the SAME rollout batch (OPID_SPEC §7: one extra
+`opid-cost`: OPID's learning step against GRPO's on the SAME rollout batch (docs/method.md §7: one extra
 no-grad teacher pass per routed sample, no extra backward pass).
 `gpu`: one OPID iteration through train.py's functions with a randomly initialised model of
 Qwen2.5-1.5B-Instruct's shapes (configs/qwen2.5-1.5b-instruct.json), on search QA and ALFWorld, LoRA
@@ -578,7 +578,7 @@ QWEN_SHAPES = {  # Qwen2.5-*-Instruct config.json values
     "3B": dict(hidden=2048, intermediate=11008, layers=36, heads=16, kv_heads=2, vocab=151936, tied=True),
     "7B": dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152064, tied=False),
 }
-RECIPE_SHAPES = {"alfworld": dict(micro_batch=4, prompt=2048, response=512),   # OPID_SPEC §9 maxima
+RECIPE_SHAPES = {"alfworld": dict(micro_batch=4, prompt=2048, response=512),   # docs/method.md §9 maxima
                  "search": dict(micro_batch=8, prompt=4096, response=512)}
 GIB = 2**30
 

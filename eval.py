@@ -7,7 +7,7 @@
     python eval.py --model tiny --env webshop             # an untrained model (tiny | smollm2 | hub id | folder)
     python eval.py --compare runs/opid-s0 runs/opid-s1 runs/grpo-s0 --labels opid opid grpo --plot curves.png
 
-Evaluation (OPID_SPEC §9 "validation", §11): `--temperature 0.4` sampling by default (the paper's
+Evaluation (docs/method.md §9 "validation", §11): `--temperature 0.4` sampling by default (the paper's
 validation setting) or `--greedy`; each of `--seeds` runs the full episode set and the table
 shows mean ± std over seeds (sample std, n−1). Metrics: overall success rate, success per
 ALFWorld task type, WebShop mean score and success, QA exact match per data source (the

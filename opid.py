@@ -24,7 +24,9 @@ import torch
 
 
 def discounted_returns(rewards: list[float], gamma: float = 0.95) -> list[float]:
-    """§2: G_t = Σ_{u≥t} γ^(u−t) r_u for one trajectory's per-step rewards."""
+    """docs/method.md §2 (arXiv 2606.26790).
+
+    G_t = Σ_{u≥t} γ^(u−t) r_u for one trajectory's per-step rewards."""
     returns, running = [0.0] * len(rewards), 0.0
     for t in reversed(range(len(rewards))):
         running = rewards[t] + gamma * running
@@ -99,7 +101,9 @@ def _group_normalise(values: torch.Tensor, group_ids: torch.Tensor, mode: str, e
 
 def outcome_advantage(scores: torch.Tensor, group_ids: torch.Tensor, mode: str = "mean_std_norm",
                       eps: float = 1e-6) -> torch.Tensor:
-    """docs/method.md §3: A_ep(i) = (S_i − μ_g)/(σ_g + ε) ("mean_std_norm") or S_i − μ_g ("mean_norm").
+    """docs/method.md §3 (arXiv 2606.26790).
+
+    A_ep(i) = (S_i − μ_g)/(σ_g + ε) ("mean_std_norm") or S_i − μ_g ("mean_norm").
 
     scores [S]: the score S_i of each step-sample (opid.step_scores), so μ_g, σ_g are taken over
     all step-samples of group g — the "cross-step" convention; σ is the unbiased std, ε = 1e-6.
@@ -111,7 +115,9 @@ def outcome_advantage(scores: torch.Tensor, group_ids: torch.Tensor, mode: str =
 
 def gigpo_step_advantage(step_returns: torch.Tensor, group_ids: torch.Tensor, anchor_ids: torch.Tensor,
                          mode: str = "mean_std_norm", eps: float = 1e-6) -> torch.Tensor:
-    """§10 GiGPO: normalise the discounted return G_t within groups of identical observations.
+    """docs/method.md §10 (arXiv 2606.26790).
+
+    GiGPO: normalise the discounted return G_t within groups of identical observations.
 
     anchor_ids [S]: an integer id of the step's raw observation text; samples are grouped by
     (task group, anchor). Returns A_step [S]; the caller adds ω·A_step to A_ep.
@@ -128,7 +134,9 @@ def gigpo_step_advantage(step_returns: torch.Tensor, group_ids: torch.Tensor, an
 
 def skill_delta(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
                 normalize: bool = False, clip: float | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """docs/method.md §7: Δ(i, ℓ) = log π_old(y_ℓ | ĥ_i, y_<ℓ) − log π_old(y_ℓ | h_i, y_<ℓ), no gradient.
+    """docs/method.md §7 (arXiv 2606.26790).
+
+    Δ(i, ℓ) = log π_old(y_ℓ | ĥ_i, y_<ℓ) − log π_old(y_ℓ | h_i, y_<ℓ), no gradient.
 
     teacher_logprobs, old_logprobs, mask: [S, L]; `mask` marks the response tokens of the samples
     routed to ONE skill kind (the trainer calls this once per kind). Optional (off by default, as
@@ -151,7 +159,9 @@ def combined_advantage(outcome_adv: torch.Tensor, mask: torch.Tensor,
                        delta_episode: torch.Tensor | None = None, routed_episode: torch.Tensor | None = None,
                        delta_step: torch.Tensor | None = None, routed_step: torch.Tensor | None = None,
                        w_episode: float = 0.001, w_step: float = 0.001) -> torch.Tensor:
-    """§8: A(i,ℓ) = A_ep(i) + w_ep·1[i→episode]·Δ_ep(i,ℓ) + w_step·1[i→step]·Δ_step(i,ℓ).
+    """docs/method.md §8 (arXiv 2606.26790).
+
+    A(i,ℓ) = A_ep(i) + w_ep·1[i→episode]·Δ_ep(i,ℓ) + w_step·1[i→step]·Δ_step(i,ℓ).
 
     outcome_adv [S] (broadcast to tokens); mask, delta_* [S, L]; routed_* [S] booleans saying
     which skill each sample was routed to (§5). Returns [S, L], zero on padding.
@@ -182,7 +192,9 @@ def token_mean(values: torch.Tensor, mask: torch.Tensor, num_tokens: float | Non
 def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                   mask: torch.Tensor, clip_eps: float = 0.2, dual_clip: float | None = None,
                   num_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
-    """§8: L_pg = −min(ratio·A, clip(ratio, 1−ε, 1+ε)·A), ratio = exp(log π_θ − log π_old).
+    """docs/method.md §8 (arXiv 2606.26790).
+
+    L_pg = −min(ratio·A, clip(ratio, 1−ε, 1+ε)·A), ratio = exp(log π_θ − log π_old).
 
     With `dual_clip` = c (e.g. 3), tokens with A < 0 are additionally capped at −c·A (the loss
     of a negative-advantage token cannot grow without bound as the ratio explodes).
@@ -204,7 +216,9 @@ def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
-    """§8: k3 = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1, clamped to ±clamp. [S, L]."""
+    """docs/method.md §8 (arXiv 2606.26790).
+
+    k3 = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1, clamped to ±clamp. [S, L]."""
     diff = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
     return (torch.exp(diff) - diff - 1.0).clamp(-clamp, clamp)
 
@@ -217,7 +231,9 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, clamp: float = 10.
 def skill_sd_loss(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                   mask: torch.Tensor, num_tokens: float | None = None, clamp: float = 10.0,
                   max_weight: float = 2.0) -> torch.Tensor:
-    """§10 Skill-SD (and OPSD, with a privileged teacher): token-mean(ρ·k3) on sampled tokens.
+    """docs/method.md §10 (arXiv 2606.26790).
+
+    Skill-SD (and OPSD, with a privileged teacher): token-mean(ρ·k3) on sampled tokens.
 
     ℓ = log π_θ − sg(log π_T), k3 = exp(−ℓ) − 1 + ℓ (an importance-weighted reverse KL to the
     teacher), ρ = exp(log π_θ − sg(log π_old)). ℓ is clamped to ±clamp, ρ to [0, max_weight].
@@ -230,13 +246,17 @@ def skill_sd_loss(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, old_lo
 
 
 def rlsd_lambda(iteration: int, start: float = 0.5, decay_iterations: int = 100) -> float:
-    """§10 RLSD: λ decays linearly from `start` to 0 over `decay_iterations` updates."""
+    """docs/method.md §10 (arXiv 2606.26790).
+
+    RLSD: λ decays linearly from `start` to 0 over `decay_iterations` updates."""
     return max(0.0, start * (1.0 - iteration / decay_iterations))
 
 
 def rlsd_advantage(outcome_adv: torch.Tensor, teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor,
                    mask: torch.Tensor, lam: float, low: float = 0.8, high: float = 1.2) -> torch.Tensor:
-    """§10 RLSD: Â = A·((1−λ) + λ·clip(exp(sign(A)·(log π_T − log π_S)), low, high)). [S, L]."""
+    """docs/method.md §10 (arXiv 2606.26790).
+
+    RLSD: Â = A·((1−λ) + λ·clip(exp(sign(A)·(log π_T − log π_S)), low, high)). [S, L]."""
     sign = torch.sign(outcome_adv)[:, None]
     weight = torch.exp((sign * (teacher_logprobs - student_logprobs)).clamp(-20.0, 20.0)).clamp(low, high)
     return outcome_adv[:, None] * ((1.0 - lam) + lam * weight) * mask

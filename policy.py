@@ -1,6 +1,6 @@
 """The language-model interface every model shares: load, LoRA, generate, score responses.
 
-OPID_SPEC §2 (one sample per environment step: a prompt and the model's response), §7 (re-scoring
+docs/method.md §2 (one sample per environment step: a prompt and the model's response), §7 (re-scoring
 the same response tokens under another prompt: Δ needs per-token log-probs), §8 (PPO needs
 log π_old, the update needs log π_θ with gradients, the KL term needs log π_ref, where the
 reference is the base model with the LoRA adapter disabled).

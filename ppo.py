@@ -137,7 +137,9 @@ def generate_mismatch(old: torch.Tensor, generated: torch.Tensor, mask: torch.Te
 
 def update(model, optimizer, accelerator, samples, plan: list[dict], advantages, old, ref, distill_teacher,
            distill_rows, mask, cfg) -> dict[str, torch.Tensor]:
-    """§8: clipped PPO on token-level advantages, + β·k3 KL − c_ent·H (+ λ·Skill-SD/OPSD term).
+    """docs/method.md §8 (arXiv 2606.26790).
+
+    clipped PPO on token-level advantages, + β·k3 KL − c_ent·H (+ λ·Skill-SD/OPSD term).
 
     One optimizer step per `plan` entry (see `update_plan`), accumulated over its micro-batches
     with gradient all-reduce only on the last one (`no_sync`). The loss is the token-mean over the

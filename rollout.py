@@ -1,4 +1,4 @@
-"""Batched multi-turn rollouts (OPID_SPEC §2): B task groups × N copies stepping in lock-step.
+"""Batched multi-turn rollouts (docs/method.md §2): B task groups × N copies stepping in lock-step.
 
 At every step the prompts of all still-running copies go through ONE batched `generate` call
 (left padding, KV cache); finished copies drop out. Each (prompt, response) becomes a `Sample`

@@ -1,4 +1,4 @@
-"""Rule-based analyzer (OPID_SPEC §4, offline back-end): from a finished trajectory's text to skills.
+"""Rule-based analyzer (docs/method.md §4, offline back-end): from a finished trajectory's text to skills.
 
 It reads only the trajectory text — observations, actions, validity, rewards and returns — never
 hidden environment state, and it is deterministic. It speaks the same protocol as the LLM

@@ -1,6 +1,6 @@
 """Search-based question answering: retrieval back-ends, QA data, generated content, the env.
 
-OPID_SPEC §2 (rollout, exact-match reward) and §9 (search QA: max 4 steps, history H = 4).
+docs/method.md §2 (rollout, exact-match reward) and §9 (search QA: max 4 steps, history H = 4).
 The agent answers a question in at most `max_steps` turns; each turn it either searches
 (`<search>query</search>`, the top-k passages come back as an `<information>` block) or answers
 (`<answer>text</answer>`, which ends the episode with reward = exact match, 0 or 1).
@@ -533,7 +533,7 @@ def oracle_action(metadata: dict, observations: list[str]) -> str | None:
     return f"<answer>{subject}</answer>"
 
 
-# === The environment (CONTRACT.md).
+# === The environment (the shared contract, docs/method.md §12).
 
 INTRO = ("You answer questions with the help of a search engine over a collection of short "
          "documents. Facts are found only in the documents, so search for what you need.")
@@ -556,7 +556,7 @@ def load_questions(data: str, split: str, seed: int = 0) -> tuple[list[dict], st
 
 
 class SearchQAEnv:
-    """Search QA with the shared environment contract (CONTRACT.md, OPID_SPEC §2 and §9).
+    """Search QA with the shared environment contract (docs/method.md §2, §9 and §12).
 
     A step is one response: `<search>q</search>` → observation = top-k passages in an
     `<information>` block; `<answer>a</answer>` → done, reward = score = exact match (0/1);

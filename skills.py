@@ -1,6 +1,6 @@
 """Hindsight skills: from a finished trajectory to the skill text the teacher is conditioned on.
 
-Reads top to bottom in the paper's order (OPID_SPEC §4, §5, §6):
+Reads top to bottom in the paper's order (docs/method.md §4, §5, §6):
   1. the trajectory text view the analyzer reads (`StepView`, `TrajectoryView`) and `Skills`;
   2. the analyzer prompt (JSON only) and its repair message (§4);
   3. `parse_skills_json`: lenient JSON extraction and clean-up (§4);

@@ -9,7 +9,7 @@
                                                      # data-parallel on the GPUs of one machine
     python train.py --help                           # every knob, one line each
 
-One iteration reads in the order of the paper's figure (OPID_SPEC §2–§8):
+One iteration reads in the order of the paper's figure (docs/method.md §2–§8):
 rollout groups → trajectory records → skills → augmented prompts → teacher log-probs → Δ →
 combined advantage → PPO update.
 """
@@ -73,7 +73,7 @@ class Config:
     eval_temperature: float = arg(0.4, "sampling temperature of evaluation (the paper's validation setting)")
     eval_greedy: bool = arg(False, "evaluate with greedy decoding instead of T=eval_temperature sampling")
     report_to: str = arg("none", "also log metrics.jsonl's scalars to: none | tensorboard | wandb (accelerate trackers)")
-    # --- environment (None = the environment's default from OPID_SPEC §9) ---
+    # --- environment (None = the environment's default from docs/method.md §9) ---
     env: str = arg("alfworld", "environment: alfworld | webshop | search")
     tasks_per_batch: int = arg(4, "B: task groups per iteration (CPU-sized; the paper: 16, search 128)")
     group_size: int = arg(4, "N: rollouts per task, the GRPO group (CPU-sized; the paper: 8)")
@@ -148,7 +148,7 @@ class Config:
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
 
 
-ENV_DEFAULTS = {  # OPID_SPEC §9 (released scripts)
+ENV_DEFAULTS = {  # docs/method.md §9 (released scripts)
     "alfworld": dict(max_steps=30, history_length=5, invalid_penalty=0.1, max_step_skills=5, kl_coef=0.01,
                      entropy_coef=0.001, adv_mode="mean_std_norm", lr_warmup_ratio=0.0),
     "webshop": dict(max_steps=15, history_length=2, invalid_penalty=0.1, max_step_skills=5, kl_coef=0.01,
@@ -379,7 +379,7 @@ def load_reference(cfg: Config, model, device: torch.device, resumed: bool):
 
 
 def build_analyzer(cfg: Config, model, tokenizer):
-    """OPID_SPEC §4: who writes the skills."""
+    """docs/method.md §4: who writes the skills."""
     if cfg.analyzer == "rule":
         import rule_analyzer
         return rule_analyzer.RuleBasedAnalyzer()

@@ -1,4 +1,4 @@
-"""WebShop: an offline WebShop-format simulator, its catalogue, reward and expert (OPID_SPEC §2, §9).
+"""WebShop: an offline WebShop-format simulator, its catalogue, reward and expert (docs/method.md §2, §9).
 
 What runs here (no WebShop code or product data can be had offline):
 - `build_catalogue(seed)` generates a deterministic product catalogue (1,500 products, five
@@ -437,7 +437,7 @@ def _blank_info(task: str, task_type: str, privileged: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 class WebShopEnv:
-    """WebShop-format simulator over the generated catalogue (contract: CONTRACT.md, §2).
+    """WebShop-format simulator over the generated catalogue (the shared contract: docs/method.md §2, §12).
 
     State: page in {"search", "results", "item", "sub"}, the current result list and page
     number, the open product, the options chosen on it, and the sub-page shown.

@@ -1,6 +1,6 @@
 """Offline content for the environments: ALFRED-style ALFWorld games for the real alfworld engine.
 
-DESIGN.md "What runs where": when the official ALFWorld games are absent, `worlds.py` writes
+When the official ALFWorld games are absent, `worlds.py` writes
 ALFRED-style PDDL games that the stock `alfworld` / TextWorld engine plays unchanged. Each game is
 a folder holding `game.tw-pddl` (JSON: alfworld's PDDL domain, its text grammar with the task
 sentence filled in, our PDDL problem, `"solvable": true`) and `traj_data.json` (`task_type` and the

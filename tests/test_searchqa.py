@@ -1,5 +1,5 @@
 """Tests of searchqa.py: exact match, retrieval (BM25 and the HTTP client), data loading,
-the generated world, the oracle and the environment contract (OPID_SPEC §2, §9)."""
+the generated world, the oracle and the environment contract (docs/method.md §2, §9)."""
 from __future__ import annotations
 
 import importlib.util
