@@ -238,9 +238,9 @@ def test_cli_log_is_whole_lines_with_a_summary_when_piped(model_dir, tmp_path):
     lines = log.splitlines()
     assert sum(line.startswith("[eval start") for line in lines) == 1
     assert sum(line.startswith("[iter 1/1]") for line in lines) == 1
-    assert "| eval (eval split) | after 0 updates | after 1 updates |" in lines
-    assert f"metrics: {tmp_path / 'r' / 'metrics.jsonl'}" in lines
-    assert f"plot: {tmp_path / 'r' / 'curves.png'}" in lines
+    assert "eval split: 2 episodes over 200 games per evaluation (success ± standard error)" in lines
+    assert sum(line.startswith(("start ", "end ", "change ")) for line in lines) == 3
+    assert f"metrics: {tmp_path / 'r' / 'metrics.jsonl'}   plot: {tmp_path / 'r' / 'curves.png'}" in lines
     assert (tmp_path / "r" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
