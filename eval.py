@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -383,6 +384,31 @@ def final_metrics(records: list[dict]) -> dict:
     }
 
 
+DELTA_KEYS = (("|Δ|", "delta/mean_abs"), ("Δ on won", "delta/mean_won"), ("Δ on lost", "delta/mean_lost"),
+              ("Δ on format tokens", "delta/mean_format_tokens"), ("Δ on content tokens", "delta/mean_content_tokens"))
+
+
+def delta_stats(records: list[dict]) -> dict[str, float]:
+    """Per-token Δ of one run (train.py's delta/* metrics, docs/method.md §7), averaged over its
+    iterations; "Δ on won" only over iterations that won something (the metric is 0 otherwise)."""
+    trains = [r for r in records if r.get("kind") == "train" and "delta/mean_abs" in r]
+    out = {}
+    for _, key in DELTA_KEYS:
+        rows = [r for r in trains if key in r and (key != "delta/mean_won" or r.get("success_rate", 0) > 0)]
+        if rows:
+            out[key] = sum(r[key] for r in rows) / len(rows)
+    return out
+
+
+def run_seed(run_dir: Path) -> int | None:
+    """The run's --seed from its config.json, else from a folder name ending in -s<seed>."""
+    try:
+        return int(json.loads((Path(run_dir) / "config.json").read_text())["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        match = re.search(r"-s(\d+)$", Path(run_dir).name)
+        return int(match.group(1)) if match else None
+
+
 def eval_curve(records: list[dict]) -> list[tuple[int, int, float]]:
     """(updates, env_steps, eval success) of every eval line, in update order."""
     return sorted((r.get("updates", 0), r.get("env_steps", 0), r["eval/success_rate"])
@@ -414,8 +440,11 @@ def compare_runs(run_dirs: list[str], labels: list[str] | None = None) -> dict:
     groups: dict[str, dict] = {}
     for run_dir, label in zip(run_dirs, labels):
         records = read_metrics(Path(run_dir))
-        g = groups.setdefault(label, {"runs": [], "finals": [], "curves": [], "splits": set()})
+        g = groups.setdefault(label, {"runs": [], "finals": [], "curves": [], "splits": set(), "seeds": [],
+                                      "deltas": []})
         g["runs"].append(str(run_dir))
+        g["seeds"].append(run_seed(Path(run_dir)))
+        g["deltas"].append(delta_stats(records))
         # runs from before train.py --eval-split always evaluated on the eval split
         g["splits"].update(r.get("split", "eval") for r in records if r.get("kind") == "eval")
         g["finals"].append(final_metrics(records))
@@ -428,7 +457,8 @@ def compare_runs(run_dirs: list[str], labels: list[str] | None = None) -> dict:
             mean, std = mean_std(values)
             final[key] = {"mean": mean if values else None, "std": std, "n": len(values), "values": values}
         out[label] = {"runs": g["runs"], "final": final, "curve": group_curve(g["curves"]),
-                      "eval_splits": sorted(g["splits"])}
+                      "eval_splits": sorted(g["splits"]), "seeds": g["seeds"], "deltas": g["deltas"],
+                      "final_by_run": [f["final_eval_success"] for f in g["finals"]]}
     return out
 
 
@@ -506,6 +536,52 @@ def efficiency_table(eff: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(groups: dict, reference: str) -> dict[str, dict]:
+    """Final eval success of each label minus the reference's, seed by seed (seeds both ran):
+    {label: {"seeds", "differences", "mean", "se"}}; se = sample std / √n (0 for one seed)."""
+    ref = {seed: v for seed, v in zip(groups[reference]["seeds"], groups[reference]["final_by_run"])
+           if seed is not None and v is not None}
+    out = {}
+    for label, g in groups.items():
+        if label == reference:
+            continue
+        pairs = sorted((seed, v - ref[seed]) for seed, v in zip(g["seeds"], g["final_by_run"])
+                       if seed in ref and v is not None)
+        if pairs:
+            mean, std = mean_std([d for _, d in pairs])
+            out[label] = {"seeds": [s for s, _ in pairs], "differences": [d for _, d in pairs],
+                          "mean": mean, "se": std / math.sqrt(len(pairs))}
+    return out
+
+
+def paired_table(paired: dict, reference: str) -> str:
+    if not paired:
+        return ""
+    lines = [f"Final eval success minus {reference}'s, paired by seed (mean ± standard error):", "",
+             "| run | per seed | mean ± s.e. |", "|---|---|---|"]
+    for label, p in paired.items():
+        per_seed = ", ".join(f"s{seed}: {d:+.3f}" for seed, d in zip(p["seeds"], p["differences"]))
+        lines.append(f"| {label} | {per_seed} | {p['mean']:+.3f} ± {p['se']:.3f} |")
+    return "\n".join(lines)
+
+
+def delta_table(groups: dict) -> str:
+    """Δ statistics of the labels that computed Δ: mean ± std over their runs of each run's mean."""
+    rows = []
+    for label, g in groups.items():
+        cells = []
+        for _, key in DELTA_KEYS:
+            values = [d[key] for d in g["deltas"] if key in d]
+            cells.append(fmt(*mean_std(values), len(values), 4) if values else "–")
+        if any(c != "–" for c in cells):
+            rows.append(f"| {label} |" + "".join(f" {c} |" for c in cells))
+    if not rows:
+        return ""
+    head = ["Per-token Δ = log π_old(token | skill) − log π_old(token), mean over iterations (mean ± std over runs):", "",
+            "| run |" + "".join(f" {name} |" for name, _ in DELTA_KEYS), "|---|" + "---|" * len(DELTA_KEYS)]
+    return "\n".join(head + rows)
+
+
 def plot_curves(groups: dict, path: str) -> bool:
     """Eval success vs env steps (left) and vs updates (right), one line per label, ± std band.
     Returns False (with a message) when matplotlib is missing."""
@@ -523,8 +599,9 @@ def plot_curves(groups: dict, path: str) -> bool:
         if not pts:
             continue
         mean = [p["mean"] for p in pts]
-        low = [p["mean"] - p["std"] for p in pts]
-        high = [p["mean"] + p["std"] for p in pts]
+        se = [p["std"] / math.sqrt(p["n"]) for p in pts]  # band: ± one standard error over seeds
+        low = [p["mean"] - e for p, e in zip(pts, se)]
+        high = [p["mean"] + e for p, e in zip(pts, se)]
         for ax, xkey in zip(axes, ("env_steps", "updates")):
             x = [p[xkey] for p in pts]
             line, = ax.plot(x, mean, marker="o", label=f"{label} (n={len(g['runs'])})")
@@ -533,7 +610,7 @@ def plot_curves(groups: dict, path: str) -> bool:
     axes[0].set_xlabel("environment steps")
     axes[1].set_xlabel("updates (iterations)")
     axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axes[0].set_ylabel("eval success rate")
+    axes[0].set_ylabel("eval success rate (band: ± 1 s.e. over seeds)")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(loc="best")
@@ -605,7 +682,9 @@ def main(argv=None) -> dict:
         reference = args.reference or ("grpo" if "grpo" in groups else next(iter(groups)))
         eff = efficiency(groups, reference)
         budgets = "Eval success at each budget (mean ± std over seeds):\n\n" + budget_table(groups)
-        parts = (split_note(groups), compare_table(groups), budgets, efficiency_table(eff))
+        paired = paired_differences(groups, reference)
+        parts = (split_note(groups), compare_table(groups), budgets, efficiency_table(eff),
+                 paired_table(paired, reference), delta_table(groups))
         table = "\n\n".join(part for part in parts if part)
         print(table)
         write_text(args.md, table + "\n")
@@ -613,7 +692,7 @@ def main(argv=None) -> dict:
         plotted = plot_curves(groups, plot_path)
         if plotted:
             print(f"[eval] plot: {plot_path}", file=sys.stderr)  # stdout stays the Markdown table
-        result = {"groups": groups, "efficiency": eff, "plot": plot_path if plotted else None}
+        result = {"groups": groups, "efficiency": eff, "paired": paired, "plot": plot_path if plotted else None}
         write_text(args.out, json.dumps(result, indent=1))
         return result
 

@@ -137,8 +137,8 @@ class Config:
     kl_coef: float | None = arg(None, "β of the k3 KL to the reference policy (0.01 / 0.01 / 0.001; 0 skips the pass)")
     entropy_coef: float | None = arg(None, "entropy bonus c_ent (0.001 / 0.001 / 0)")
     ppo_epochs: int = arg(1, "passes over the batch per iteration")
-    mini_batch_size: int = arg(256, "step-samples per optimizer step, at most: the batch is cut into "
-                                    "⌈samples / mini_batch_size⌉ equal parts")
+    mini_batch_size: int | None = arg(None, "step-samples per optimizer step, at most (256 / 64 / 512): the batch "
+                                            "is cut into ⌈samples / mini_batch_size⌉ equal parts")
     micro_batch_size: int = arg(16, "step-samples per forward/backward (gradient accumulation)")
     score_micro_batch_size: int | None = arg(None, "step-samples per no-grad forward (old, reference, teacher "
                                                    "passes; default micro_batch_size: then the old and update "
@@ -150,11 +150,11 @@ class Config:
 
 ENV_DEFAULTS = {  # docs/method.md §9 (released scripts)
     "alfworld": dict(max_steps=30, history_length=5, invalid_penalty=0.1, max_step_skills=5, kl_coef=0.01,
-                     entropy_coef=0.001, adv_mode="mean_std_norm", lr_warmup_ratio=0.0),
+                     entropy_coef=0.001, adv_mode="mean_std_norm", lr_warmup_ratio=0.0, mini_batch_size=256),
     "webshop": dict(max_steps=15, history_length=2, invalid_penalty=0.1, max_step_skills=5, kl_coef=0.01,
-                    entropy_coef=0.001, adv_mode="mean_norm", lr_warmup_ratio=0.0),
+                    entropy_coef=0.001, adv_mode="mean_norm", lr_warmup_ratio=0.0, mini_batch_size=64),
     "search": dict(max_steps=4, history_length=4, invalid_penalty=0.01, max_step_skills=2, kl_coef=0.001,
-                   entropy_coef=0.0, adv_mode="mean_std_norm", lr_warmup_ratio=0.1),
+                   entropy_coef=0.0, adv_mode="mean_std_norm", lr_warmup_ratio=0.1, mini_batch_size=512),
 }
 ALGOS = ("opid", "grpo", "gigpo", "skill_sd", "rlsd", "opsd", "skill_grpo")
 ROUTINGS = ("step_priority", "additive", "episode_only", "step_only")

@@ -243,3 +243,37 @@ def test_compare_writes_curves_png_beside_the_output_by_default(fake_runs, tmp_p
     assert (tmp_path / "cmp" / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+
+
+def test_paired_differences_and_delta_table_by_hand(tmp_path, capsys):
+    # seeds come from config.json (or the folder name); grpo s0/s1 end at 0.2 / 0.3, opid at 0.3 / 0.6
+    def run(name, seed, final, deltas=()):
+        folder = write_run(tmp_path / name, [ev_line(0, 0, 0.1), *deltas, ev_line(1, 100, final)])
+        if seed is not None:
+            (folder / "config.json").write_text(json.dumps({"seed": seed}))
+        return str(folder)
+
+    def delta_line(success, won, lost):
+        return {**train_line(1, 100, success, 1.0), "delta/mean_abs": 0.1, "delta/mean_won": won,
+                "delta/mean_lost": lost, "delta/mean_format_tokens": 0.0, "delta/mean_content_tokens": -0.2}
+
+    runs = [run("grpo-a", 0, 0.2), run("grpo-s1", None, 0.3),
+            run("opid-a", 0, 0.3, [delta_line(0.25, 0.02, -0.04), delta_line(0.0, 0.0, -0.06)]),
+            run("opid-b", 1, 0.6, [delta_line(0.5, 0.04, -0.02)]), run("opid-c", 7, 0.9)]
+    groups = ev.compare_runs(runs, ["grpo", "grpo", "opid", "opid", "opid"])
+    assert groups["grpo"]["seeds"] == [0, 1] and groups["opid"]["seeds"] == [0, 1, 7]
+    paired = ev.paired_differences(groups, "grpo")
+    # differences +0.1 and +0.3 (seed 7 has no partner): mean 0.2, s.e. sqrt(0.02) / sqrt(2) = 0.1
+    assert paired["opid"]["seeds"] == [0, 1]
+    assert paired["opid"]["differences"] == pytest.approx([0.1, 0.3])
+    assert paired["opid"]["mean"] == pytest.approx(0.2) and paired["opid"]["se"] == pytest.approx(0.1)
+    # Δ on won averages only iterations that won: run a 0.02 (not (0.02 + 0) / 2), run b 0.04 → 0.03
+    assert ev.delta_stats(ev.read_metrics(Path(runs[2])))["delta/mean_won"] == pytest.approx(0.02)
+    assert ev.delta_stats(ev.read_metrics(Path(runs[2])))["delta/mean_lost"] == pytest.approx(-0.05)
+    table = ev.delta_table(groups)
+    opid_row = next(l for l in table.splitlines() if l.startswith("| opid |"))
+    assert "0.0300 ± 0.0141" in opid_row and "-0.0350 ± 0.0212" in opid_row
+    assert "| grpo |" not in table   # no Δ computed: no row
+    ev.main(["--compare", *runs, "--labels", "grpo", "grpo", "opid", "opid", "opid"])
+    out = capsys.readouterr().out
+    assert "| opid | s0: +0.100, s1: +0.300 | +0.200 ± 0.100 |" in out

@@ -417,6 +417,17 @@ def test_warmup_schedule_by_hand(monkeypatch):
     assert [train.warmup_lr(2.0, it, 0) for it in range(3)] == [2.0, 2.0, 2.0]
 
 
+def test_mini_batch_size_follows_the_environment(monkeypatch):
+    # the released scripts: 256 ALFWorld, 64 WebShop, 512 search step-samples per optimizer step
+    monkeypatch.setattr(train, "check_model_loadable", lambda name: None)
+    sizes = {env: train.resolve_defaults(train.Config(env=env)).mini_batch_size
+             for env in ("alfworld", "webshop", "search")}
+    assert sizes == {"alfworld": 256, "webshop": 64, "search": 512}
+    assert train.resolve_defaults(train.Config(env="webshop", mini_batch_size=8)).mini_batch_size == 8
+    with pytest.raises(SystemExit, match="--mini-batch-size must be >= 1"):
+        train.resolve_defaults(train.Config(env="search", mini_batch_size=0))
+
+
 def test_non_finite_gradient_skips_the_step_and_is_counted(tiny):
     import copy
     import random
