@@ -195,7 +195,7 @@ def load_policy(name: str, *, device: str = "cpu", dtype: torch.dtype | None = N
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     if gradient_checkpointing:
         # non-reentrant checkpointing works with frozen embeddings (LoRA) without extra hooks
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # training forward passes; generate() still uses the cache
     if adapter_dir is not None or lora_rank > 0:
         from peft import LoraConfig, PeftModel, get_peft_model
