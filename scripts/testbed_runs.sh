@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The CPU testbed's comparisons: the default run (`python train.py`: small worlds, the kept tiny agent,
+# 12 iterations of 4 × 4, 60 held-out games before and after) with a few flags changed per run.
+# docs/experiments.md reports what these gave.
+#
+#   bash scripts/testbed_runs.sh before-after   # GRPO and OPID under the earlier rules (trajectory-wide penalty,
+#                                               #   admissible-only validity), seeds 0-2; the current rules are
+#                                               #   the default runs (`python train.py [--algo grpo] --seed N`)
+#   bash scripts/testbed_runs.sh w-sweep        # OPID at w = 0.01, 0.1, 1 (w_ep = w_step), seeds 0-2
+#   bash scripts/testbed_runs.sh normalised     # OPID at w = 0.1 with --delta-normalize, seeds 0-2
+#   bash scripts/testbed_runs.sh paired         # GRPO and OPID (w = $W, default 0.01) on seeds 3 and 4 too
+#   bash scripts/testbed_runs.sh default        # the default runs themselves, GRPO and OPID, seeds 0-2
+#
+# DRY_RUN=1 prints the train.py commands instead of running them.
+# Two runs at a time, one torch thread each (about 300-450 s per run on 2 cores). A run whose
+# metrics already hold its final evaluation is skipped. Runs: runs/<name>/; then
+#   python eval.py --compare runs/<name>... --labels ... --md results/<folder>/table.md
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=${W:-0.01}
+case "${1:-}" in
+  default) jobs="default-grpo-s0 --algo grpo --seed 0
+default-grpo-s1 --algo grpo --seed 1
+default-grpo-s2 --algo grpo --seed 2
+default-opid-s0 --seed 0
+default-opid-s1 --seed 1
+default-opid-s2 --seed 2" ;;
+  before-after) jobs=$(for s in 0 1 2; do for a in grpo opid; do
+      echo "oldrules-$a-s$s --algo $a --seed $s --penalty-scope trajectory --validity admissible"; done; done) ;;
+  w-sweep) jobs=$(for s in 0 1 2; do for w in 0.01 0.1 1; do
+      echo "wsweep-w$w-s$s --seed $s --w-episode $w --w-step $w"; done; done) ;;
+  normalised) jobs=$(for s in 0 1 2; do echo "dn-w0.1-s$s --seed $s --w-episode 0.1 --w-step 0.1 --delta-normalize"; done) ;;
+  paired) jobs=$(for s in 3 4; do echo "default-grpo-s$s --algo grpo --seed $s"
+      echo "paired-w$W-s$s --seed $s --w-episode $W --w-step $W"; done) ;;
+  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired" >&2; exit 2 ;;
+esac
+mkdir -p runs
+run_one() {
+  local name=$1; shift
+  if [ -n "${DRY_RUN:-}" ]; then echo "python train.py --name $name $*"; return; fi
+  if [ -f "runs/$name/metrics.jsonl" ] && [ "$(grep -c '"kind": "eval"' "runs/$name/metrics.jsonl")" -ge 2 ]; then
+    echo "skip $name (done)"; return
+  fi
+  local start; start=$(date +%s)
+  OMP_NUM_THREADS=1 python train.py --name "$name" --overwrite "$@" > "runs/$name.log" 2>&1
+  echo "finished $name in $(( $(date +%s) - start )) s"
+}
+export -f run_one
+echo "$jobs" | xargs -P 2 -L 1 bash -c 'run_one "$@"' _
