@@ -665,6 +665,7 @@ def learn_from_batch(cfg: Config, trajs: list[rollout.Trajectory], model, unwrap
     record = {"samples": len(samples), **{k: float(v) for k, v in update_stats.items()}, "update/lr": lr,
               **ppo.generate_mismatch(old, generated, mask, cfg.clip_eps), "time/old_s": old_s,
               "time/analysis_s": analysis_s, "time/teacher_s": teacher_s, "time/update_s": update_s}
+    record.update(advantage_metrics(outcome, advantages, group_ids, mask))
     record.update(skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, routed_ep, routed_st,
                                 delta_ep, delta_st, mask, length))
     return record
@@ -900,7 +901,8 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
         log(f"[iter {state['updates']}/{cfg.iters}] success={record['success_rate']:.3f} "
             f"return={record['mean_return']:.2f} invalid={record['invalid_rate']:.3f} "
             f"tokens={record['tokens_generated']} kl={record['kl']:.4f} entropy={record['entropy']:.3f} "
-            f"skills={record.get('skills/share_with_skills', 0):.2f} |Δ|={record.get('delta/mean_abs', 0):.3f} "
+            f"groups with signal={record['adv/groups_with_signal']:.2f} skills={record.get('skills/share_with_skills', 0):.2f} "
+            f"|Δ|={record.get('delta/mean_abs', 0):.3f} "
             f"time rollout/teacher/update={rstats['rollout_s']:.1f}/{record['time/teacher_s']:.1f}/"
             f"{record['time/update_s']:.1f}s")
         if analyzer is not None and (warning := analyzer_warning(record, len(trajs))):
@@ -1039,6 +1041,18 @@ def skill_metrics(tokenizer, samples, traj_of, traj_skills, analysis_stats, rout
     out.update({f"analyzer/{k}": v for k, v in analysis_stats.items()})
     return out
 
+
+
+def advantage_metrics(outcome: torch.Tensor, advantages: torch.Tensor, group_ids: torch.Tensor,
+                      mask: torch.Tensor) -> dict:
+    """How much learning signal the batch carries (§3, §8): the share of groups whose outcome
+    advantages are not all zero (a group that all won or all lost teaches GRPO nothing), and the
+    token-mean size of the outcome term and of the token-level term added to it (w·Δ for OPID)."""
+    signal = [bool((outcome[group_ids == g].abs() > 1e-6).any()) for g in torch.unique(group_ids)]
+    tokens = mask.sum().clamp(min=1)
+    return {"adv/groups_with_signal": sum(signal) / max(len(signal), 1),
+            "adv/outcome_mean_abs": float((outcome.abs()[:, None] * mask).sum() / tokens),
+            "adv/token_term_mean_abs": float(((advantages - outcome[:, None]).abs() * mask).sum() / tokens)}
 
 
 def analyzer_warning(record: dict, num_trajectories: int) -> str | None:

@@ -502,3 +502,15 @@ def test_before_after_table_by_hand(tmp_path):
     assert "+0.100 ± 0.079" in lines[4] and "-0.150" in lines[4]
     assert str(tmp_path / "metrics.jsonl") in lines[5]
     assert "no evaluation" in train.before_after_table(records[1:2], 60, 60, "eval", tmp_path)
+
+
+def test_advantage_metrics_by_hand():
+    # group 0 all lost (A = 0), group 1 mixed (A = ±1); the token-level term adds 0.5 on one token
+    outcome = torch.tensor([0.0, 0.0, 1.0, -1.0])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.float32)
+    advantages = outcome[:, None] * mask
+    advantages[2, 1] += 0.5
+    stats = train.advantage_metrics(outcome, advantages, torch.tensor([0, 0, 1, 1]), mask)
+    assert stats["adv/groups_with_signal"] == 0.5
+    assert stats["adv/outcome_mean_abs"] == pytest.approx(4 / 7)   # tokens 2 + 1 + 3 + 1; |A| 1 on 4 of them
+    assert stats["adv/token_term_mean_abs"] == pytest.approx(0.5 / 7)
