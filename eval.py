@@ -384,7 +384,7 @@ def final_metrics(records: list[dict]) -> dict:
     }
 
 
-DELTA_KEYS = (("|Δ|", "delta/mean_abs"), ("Δ on won", "delta/mean_won"), ("Δ on lost", "delta/mean_lost"),
+DELTA_KEYS = (("mean abs Δ", "delta/mean_abs"), ("Δ on won", "delta/mean_won"), ("Δ on lost", "delta/mean_lost"),
               ("Δ on format tokens", "delta/mean_format_tokens"), ("Δ on content tokens", "delta/mean_content_tokens"))
 
 
