@@ -9,11 +9,13 @@
 #   bash scripts/testbed_runs.sh w-sweep        # OPID at w = 0.01, 0.1, 1 (w_ep = w_step), seeds 0-2
 #   bash scripts/testbed_runs.sh normalised     # OPID at w = 0.1 with --delta-normalize, seeds 0-2
 #   bash scripts/testbed_runs.sh paired         # GRPO and OPID (w = $W, default 0.01) on seeds 3 and 4 too
+#   bash scripts/testbed_runs.sh t07            # GRPO and OPID (w = 0.001 and 0.01) with rollouts at T = 0.7, seeds 0-2
+#   bash scripts/testbed_runs.sh t07-long       # GRPO and OPID (w = 0.01) at T = 0.7, 24 iterations, evaluated every 6
 #   bash scripts/testbed_runs.sh default        # the default runs themselves, GRPO and OPID, seeds 0-2
 #
 # DRY_RUN=1 prints the train.py commands instead of running them.
 # Two runs at a time, one torch thread each (about 300-450 s per run on 2 cores). A run whose
-# metrics already hold its final evaluation is skipped. Runs: runs/<name>/; then
+# log ends with train.py's "done:" line is skipped. Runs: runs/<name>/; then
 #   python eval.py --compare runs/<name>... --labels ... --md results/<folder>/table.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,13 +34,18 @@ default-opid-s2 --seed 2" ;;
   normalised) jobs=$(for s in 0 1 2; do echo "dn-w0.1-s$s --seed $s --w-episode 0.1 --w-step 0.1 --delta-normalize"; done) ;;
   paired) jobs=$(for s in 3 4; do echo "default-grpo-s$s --algo grpo --seed $s"
       echo "paired-w$W-s$s --seed $s --w-episode $W --w-step $W"; done) ;;
-  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired" >&2; exit 2 ;;
+  t07) jobs=$(for s in 0 1 2; do echo "t07-grpo-s$s --algo grpo --seed $s --temperature 0.7"
+      echo "t07-opid-s$s --seed $s --temperature 0.7"
+      echo "t07-w0.01-s$s --seed $s --temperature 0.7 --w-episode 0.01 --w-step 0.01"; done) ;;
+  t07-long) jobs=$(for s in 0 1 2; do echo "t07long-grpo-s$s --algo grpo --seed $s --temperature 0.7 --iters 24 --eval-every 6"
+      echo "t07long-w0.01-s$s --seed $s --temperature 0.7 --iters 24 --eval-every 6 --w-episode 0.01 --w-step 0.01"; done) ;;
+  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long" >&2; exit 2 ;;
 esac
 mkdir -p runs
 run_one() {
   local name=$1; shift
   if [ -n "${DRY_RUN:-}" ]; then echo "python train.py --name $name $*"; return; fi
-  if [ -f "runs/$name/metrics.jsonl" ] && [ "$(grep -c '"kind": "eval"' "runs/$name/metrics.jsonl")" -ge 2 ]; then
+  if [ -f "runs/$name.log" ] && grep -q "^done: " "runs/$name.log"; then
     echo "skip $name (done)"; return
   fi
   local start; start=$(date +%s)
