@@ -583,7 +583,7 @@ def delta_table(groups: dict) -> str:
 
 
 def plot_curves(groups: dict, path: str) -> bool:
-    """Eval success vs env steps (left) and vs updates (right), one line per label, ± std band.
+    """Eval success vs env steps (left) and vs updates (right), one line per label, ± 1 s.e. band.
     Returns False (with a message) when matplotlib is missing."""
     try:
         import matplotlib

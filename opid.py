@@ -180,7 +180,7 @@ def combined_advantage(outcome_adv: torch.Tensor, mask: torch.Tensor,
 
 
 def token_mean(values: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
-    """Σ values·mask / number of response tokens ("token-mean").
+    """docs/method.md §8 (arXiv 2606.26790): Σ values·mask / number of response tokens ("token-mean").
 
     With gradient accumulation pass `num_tokens` = tokens of the whole mini-batch, so that the
     micro-batch losses add up to the mini-batch token-mean.

@@ -1049,10 +1049,9 @@ def advantage_metrics(outcome: torch.Tensor, advantages: torch.Tensor, group_ids
     advantages are not all zero (a group that all won or all lost teaches GRPO nothing), and the
     token-mean size of the outcome term and of the token-level term added to it (w·Δ for OPID)."""
     signal = [bool((outcome[group_ids == g].abs() > 1e-6).any()) for g in torch.unique(group_ids)]
-    tokens = mask.sum().clamp(min=1)
     return {"adv/groups_with_signal": sum(signal) / max(len(signal), 1),
-            "adv/outcome_mean_abs": float((outcome.abs()[:, None] * mask).sum() / tokens),
-            "adv/token_term_mean_abs": float(((advantages - outcome[:, None]).abs() * mask).sum() / tokens)}
+            "adv/outcome_mean_abs": float(opid.token_mean(outcome.abs()[:, None].expand_as(mask), mask)),
+            "adv/token_term_mean_abs": float(opid.token_mean((advantages - outcome[:, None]).abs(), mask))}
 
 
 def analyzer_warning(record: dict, num_trajectories: int) -> str | None:

@@ -243,8 +243,6 @@ def test_compare_writes_curves_png_beside_the_output_by_default(fake_runs, tmp_p
     assert (tmp_path / "cmp" / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
-
-
 def test_paired_differences_and_delta_table_by_hand(tmp_path, capsys):
     # seeds come from config.json (or the folder name); grpo s0/s1 end at 0.2 / 0.3, opid at 0.3 / 0.6
     def run(name, seed, final, deltas=()):
