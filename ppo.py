@@ -33,9 +33,8 @@ import rollout
 
 
 def mixed_precision(cfg) -> str:
-    """--mixed-precision resolved: "bf16" or "no" (auto: bf16 on a GPU, fp32 on the CPU)."""
-    if cfg.mixed_precision not in ("auto", "bf16", "no"):
-        raise SystemExit(f"--mixed-precision must be auto, bf16 or no, got {cfg.mixed_precision!r}")
+    """--mixed-precision resolved: "bf16" or "no" (auto: bf16 on a GPU, fp32 on the CPU); the value
+    itself is checked once, with every flag, by train.resolve_defaults."""
     if cfg.mixed_precision == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
     return cfg.mixed_precision
