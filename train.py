@@ -777,6 +777,7 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
     log = tqdm.write if accelerator.is_main_process else (lambda *a, **k: None)  # keeps the progress bar intact
+    accelerator.wait_for_everyone()  # every process has read the run folder (open_run) before it is written
     if accelerator.is_main_process:
         start_run_folder(cfg, run_dir, resume_from)
         for note in notes:
@@ -925,6 +926,9 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
         if cfg.eval_episodes > 0:
             log(before_after_table(load_metrics(metrics_path, state["updates"])[0], cfg.eval_episodes,
                                    num_eval_tasks, cfg.eval_split, run_dir, plotted))
+    # leave together: a process that exits while another still works (here the main process's
+    # plot) tears down its gloo/NCCL threads under a live peer, and the launcher sees an abort
+    accelerator.wait_for_everyone()
     if log_with:
         accelerator.end_training()
     log(f"done: {run_dir}")
@@ -1067,3 +1071,5 @@ def analyzer_warning(record: dict, num_trajectories: int) -> str | None:
 
 if __name__ == "__main__":
     main(parse_config(sys.argv[1:]))
+    if torch.distributed.is_initialized():  # under a launcher; torch asks for it before exit
+        torch.distributed.destroy_process_group()

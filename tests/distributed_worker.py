@@ -5,10 +5,13 @@
 1. A fixed batch, split unevenly (process 0: samples 0–2, process 1: sample 3), one PPO update
    with micro-batches of one sample: process 1 runs two padding micro-batches. Process 0 saves the
    all-reduced gradient to GRADS for comparison with a single-process run on all four samples.
-2. `train.main` for 2 iterations with 3 task groups (2 on process 0, 1 on process 1).
+2. `train.main` for 2 iterations with 3 task groups (2 on process 0, 1 on process 1), process 1
+   starting 2 s late: the main process may not write the run folder before every process has
+   checked that it is free to use.
 """
 import random
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -51,10 +54,13 @@ def main() -> None:
     if accelerator.is_main_process:
         torch.save(grads, grads_file)
     accelerator.wait_for_everyone()
+    if accelerator.process_index == 1:  # late to start: the main process must not write the run folder before
+        time.sleep(2)                   # this one has checked it is free ("already holds a run")
     train.main(train.parse_config([
         "--model", model_folder, "--out-dir", runs_dir, "--name", "dp", "--env", "search", "--iters", "2",
         "--tasks-per-batch", "3", "--group-size", "2", "--max-steps", "2", "--max-new-tokens", "6",
         "--micro-batch-size", "1", "--mini-batch-size", "4", "--eval-episodes", "3"]))
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,10 +9,13 @@ variables describe — torch's FSDP2 itself runs on the CPU. Process 1's episode
 step, process 0's run to --max-steps: process 1 must keep stepping (dummy generate calls) while
 process 0 still plays. First the gradient of one PPO step on a fixed batch split 3 / 1 (as in
 distributed_worker.py, gathered from the shards into GRADS), then 2 iterations of `train.main`,
-then --resume for a third (the gathered checkpoint reloaded).
+then --resume for a third (the gathered checkpoint reloaded). Process 0 plots 2 s late: without
+the barrier at the end of `train.main`, process 1 exits under a live peer and aborts (gloo:
+"terminate called without an active exception").
 """
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -70,6 +73,13 @@ def main() -> None:
         calls["dummy_generate"] += prompt_ids == [[tokenizer.pad_token_id]]
         return generate(model, tokenizer, prompt_ids, **kwargs)
     rollout.everyone_finished, policy.generate = counted_everyone_finished, counted_generate
+    if accelerator.process_index == 0:  # the main process plots last, slowly: process 1 must wait for it
+        plot = train.plot_learning_curve
+
+        def slow_plot(*args, **kwargs):
+            time.sleep(2)
+            return plot(*args, **kwargs)
+        train.plot_learning_curve = slow_plot
     if accelerator.process_index == 1:
         make_env = train.make_env
         train.make_env = lambda *args, **kwargs: OneStepEpisodes(make_env(*args, **kwargs))
@@ -81,6 +91,8 @@ def main() -> None:
     train.main(train.parse_config(["--resume", str(Path(runs_dir, "fsdp")), "--iters", "3"]))
     # how often this process asked "is everyone done?" and how many dummy generate calls it made
     Path(runs_dir, f"lockstep-{accelerator.process_index}.json").write_text(json.dumps(calls))
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
