@@ -85,9 +85,8 @@ def smollm2_folder() -> Path:
     return folder
 
 
-def tiny_folder() -> Path:
-    """Where the warm-started tiny model lives (`save_policy(model, tok, tiny_folder())`)."""
-    return envs.cache_dir("models", "tiny")
+TINY_IS_PER_ENVIRONMENT = ("'tiny' names one warm-started agent per environment: load its folder, "
+                           "warmstart.tiny_agent_folder(env) (train.py and eval.py map --model tiny to it)")
 
 
 def resolve_model_path(name: str) -> str:
@@ -95,12 +94,7 @@ def resolve_model_path(name: str) -> str:
     if name == "smollm2":
         return str(smollm2_folder())
     if name == "tiny":
-        folder = tiny_folder()
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(
-                f"no tiny model in {folder}: build one with build_tiny_model + behaviour_clone "
-                "and save it there with save_policy (train.py does this)")
-        return str(folder)
+        raise ValueError(TINY_IS_PER_ENVIRONMENT)
     return name
 
 
@@ -113,10 +107,12 @@ def model_source_problem(name: str) -> str | None:
     Checked before any download of weights and without retries: a local folder needs a
     config.json and tokenizer files (a LoRA folder: its base model is checked); a hub id must be
     in the local Hugging Face cache or answer one metadata request (none is made when
-    HF_HUB_OFFLINE is set). "tiny" and "smollm2" are built or converted locally on first use.
+    HF_HUB_OFFLINE is set). "smollm2" is converted locally on first use.
     """
-    if name in ("tiny", "smollm2"):
+    if name == "smollm2":
         return None
+    if name == "tiny":
+        return TINY_IS_PER_ENVIRONMENT
     folder = Path(name).expanduser()
     if folder.is_dir():
         if (folder / "adapter_config.json").exists():

@@ -287,6 +287,13 @@ def test_behaviour_cloning_with_prompt_loss_learns_both(tokenizer):
     assert after[0] < 0.1 * before[0] and after[1] < 0.5 * before[1]
 
 
+def test_the_name_tiny_points_to_the_per_environment_agents():
+    """"tiny" is one agent per environment (train.py maps it); policy alone cannot pick one."""
+    assert policy.model_source_problem("tiny") == policy.TINY_IS_PER_ENVIRONMENT
+    with pytest.raises(ValueError, match="warmstart.tiny_agent_folder"):
+        policy.load_policy("tiny")
+
+
 def test_save_load_round_trip_gives_identical_logits(tokenizer, tiny_model, tmp_path):
     policy.save_policy(tiny_model, tokenizer, tmp_path / "tiny")
     model, tok = policy.load_policy(str(tmp_path / "tiny"))
@@ -312,9 +319,9 @@ def one_update(model, prompts, responses, lr=1e-2):
 
 def test_lora_reference_policy_is_the_base_model(tokenizer, tiny_model, tmp_path, monkeypatch):
     base_folder = policy.save_policy(tiny_model, tokenizer, tmp_path / "base")
-    monkeypatch.setattr(policy, "tiny_folder", lambda: base_folder)  # "tiny" = this model
-    base, _ = policy.load_policy("tiny")
-    model, tok = policy.load_policy("tiny", lora_rank=4, lora_alpha=8,
+    monkeypatch.setattr(policy, "smollm2_folder", lambda: base_folder)  # the named model "smollm2" = this one
+    base, _ = policy.load_policy("smollm2")
+    model, tok = policy.load_policy("smollm2", lora_rank=4, lora_alpha=8,
                                     lora_target_modules=["all-linear"])
     assert policy.is_lora(model) and policy.make_reference(model) is None
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -341,13 +348,13 @@ def test_lora_reference_policy_is_the_base_model(tokenizer, tiny_model, tmp_path
     # the adapter alone is saved, and comes back on top of its base with identical outputs
     adapter_folder = policy.save_policy(model, tok, tmp_path / "adapter")
     saved_config = json.loads((adapter_folder / "adapter_config.json").read_text())
-    assert saved_config["base_model_name_or_path"] == "tiny"  # portable: not a cache path
+    assert saved_config["base_model_name_or_path"] == "smollm2"  # portable: not a cache path
     assert not (adapter_folder / "model.safetensors").exists()
     reloaded, _ = policy.load_policy(str(adapter_folder))
     assert policy.is_lora(reloaded)
     torch.testing.assert_close(policy.response_logprobs(reloaded, prompts, responses)[0],
                                updated_lp, atol=1e-6, rtol=0)
-    resumed, _ = policy.load_policy("tiny", lora_rank=4, adapter_dir=str(adapter_folder))
+    resumed, _ = policy.load_policy("smollm2", lora_rank=4, adapter_dir=str(adapter_folder))
     torch.testing.assert_close(policy.response_logprobs(resumed, prompts, responses)[0],
                                updated_lp, atol=1e-6, rtol=0)
 
