@@ -25,7 +25,8 @@ Comparison reads each run's metrics.jsonl ("kind": "train" / "eval" lines), grou
 success at every evaluated budget, and sample efficiency: the environment steps each label needs
 to reach the `--reference` label's (GRPO's) final mean eval success, also as a fraction of the
 reference's own; with `--plot` it draws eval success vs environment steps and vs updates
-(shaded band: ± std).
+(shaded band: ± 1 standard error over seeds). It also prints each label's final success minus
+the reference's, paired by seed, and the Δ statistics of the runs that computed Δ.
 
 A baseline policy is a function `policy(prompts, envs) -> responses`: it gets the current prompt
 of every running copy (and the copies themselves, which the expert and random baselines read) and
