@@ -12,6 +12,10 @@
 #   bash scripts/testbed_runs.sh t07            # GRPO and OPID (w = 0.001 and 0.01) with rollouts at T = 0.7, seeds 0-2
 #   bash scripts/testbed_runs.sh t07-long       # GRPO and OPID (w = 0.01) at T = 0.7, 24 iterations, evaluated every 6
 #   bash scripts/testbed_runs.sh default        # the default runs themselves, GRPO and OPID, seeds 0-2
+#   bash scripts/testbed_runs.sh lr             # GRPO and OPID (w = 0.01) at lr 3e-5 (the default), 1e-4, 3e-4, seed 0
+#
+# The sets before `lr` were run with the 240-episode kept agent; `lr` and `default` with the
+# current 480-episode one (docs/experiments.md, "a stronger kept agent").
 #
 # DRY_RUN=1 prints the train.py commands instead of running them.
 # Two runs at a time, one torch thread each (about 300-450 s per run on 2 cores). A run whose
@@ -39,7 +43,9 @@ default-opid-s2 --seed 2" ;;
       echo "t07-w0.01-s$s --seed $s --temperature 0.7 --w-episode 0.01 --w-step 0.01"; done) ;;
   t07-long) jobs=$(for s in 0 1 2; do echo "t07long-grpo-s$s --algo grpo --seed $s --temperature 0.7 --iters 24 --eval-every 6"
       echo "t07long-w0.01-s$s --seed $s --temperature 0.7 --iters 24 --eval-every 6 --w-episode 0.01 --w-step 0.01"; done) ;;
-  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long" >&2; exit 2 ;;
+  lr) jobs=$(for lr in 3e-5 1e-4 3e-4; do echo "lr$lr-grpo-s0 --algo grpo --seed 0 --lr $lr"
+      echo "lr$lr-w0.01-s0 --seed 0 --lr $lr --w-episode 0.01 --w-step 0.01"; done) ;;
+  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr" >&2; exit 2 ;;
 esac
 mkdir -p runs
 run_one() {
