@@ -8,14 +8,14 @@
 #                                               #   the default runs (`python train.py [--algo grpo] --seed N`)
 #   bash scripts/testbed_runs.sh w-sweep        # OPID at w = 0.01, 0.1, 1 (w_ep = w_step), seeds 0-2
 #   bash scripts/testbed_runs.sh normalised     # OPID at w = 0.1 with --delta-normalize, seeds 0-2
-#   bash scripts/testbed_runs.sh paired         # GRPO and OPID (w = $W, default 0.01) on seeds 3 and 4 too
+#   bash scripts/testbed_runs.sh paired         # OPID (w = $W, default 0.01) on seeds 1-4, GRPO on seeds 3 and 4 too
 #   bash scripts/testbed_runs.sh t07            # GRPO and OPID (w = 0.001 and 0.01) with rollouts at T = 0.7, seeds 0-2
 #   bash scripts/testbed_runs.sh t07-long       # GRPO and OPID (w = 0.01) at T = 0.7, 24 iterations, evaluated every 6
 #   bash scripts/testbed_runs.sh default        # the default runs themselves, GRPO and OPID, seeds 0-2
 #   bash scripts/testbed_runs.sh lr             # GRPO and OPID (w = 0.01) at lr 3e-5 (the default), 1e-4, 3e-4, seed 0
 #
-# The sets before `lr` were run with the 240-episode kept agent; `lr` and `default` with the
-# current 480-episode one (docs/experiments.md, "a stronger kept agent").
+# The sets w-sweep, normalised, t07, t07-long and before-after were run with the 240-episode kept
+# agent; lr, default and paired also with the current 480-episode one (docs/experiments.md, "a stronger kept agent").
 #
 # DRY_RUN=1 prints the train.py commands instead of running them.
 # Two runs at a time, one torch thread each (about 300-450 s per run on 2 cores). A run whose
@@ -36,7 +36,7 @@ default-opid-s2 --seed 2" ;;
   w-sweep) jobs=$(for s in 0 1 2; do for w in 0.01 0.1 1; do
       echo "wsweep-w$w-s$s --seed $s --w-episode $w --w-step $w"; done; done) ;;
   normalised) jobs=$(for s in 0 1 2; do echo "dn-w0.1-s$s --seed $s --w-episode 0.1 --w-step 0.1 --delta-normalize"; done) ;;
-  paired) jobs=$(for s in 3 4; do echo "default-grpo-s$s --algo grpo --seed $s"
+  paired) jobs=$(for s in 1 2 3 4; do [ $s -ge 3 ] && echo "default-grpo-s$s --algo grpo --seed $s"
       echo "paired-w$W-s$s --seed $s --w-episode $W --w-step $W"; done) ;;
   t07) jobs=$(for s in 0 1 2; do echo "t07-grpo-s$s --algo grpo --seed $s --temperature 0.7"
       echo "t07-opid-s$s --seed $s --temperature 0.7"
