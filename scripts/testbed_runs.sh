@@ -12,7 +12,8 @@
 #   bash scripts/testbed_runs.sh t07            # GRPO and OPID (w = 0.001 and 0.01) with rollouts at T = 0.7, seeds 0-2
 #   bash scripts/testbed_runs.sh t07-long       # GRPO and OPID (w = 0.01) at T = 0.7, 24 iterations, evaluated every 6
 #   bash scripts/testbed_runs.sh default        # the default runs themselves, GRPO and OPID, seeds 0-2
-#   bash scripts/testbed_runs.sh lr             # GRPO and OPID (w = 0.01) at lr 3e-5 (the default), 1e-4, 3e-4, seed 0
+#   bash scripts/testbed_runs.sh lr             # GRPO and OPID (w = 0.01) at lr 3e-5 (the default), 1e-4, 3e-4, seed 0;
+#                                               #   and at lr 1e-4 for 24 iterations, evaluated every 12
 #
 # The sets w-sweep, normalised, t07, t07-long and before-after were run with the 240-episode kept
 # agent; lr, default and paired also with the current 480-episode one (docs/experiments.md, "a stronger kept agent").
@@ -44,7 +45,9 @@ default-opid-s2 --seed 2" ;;
   t07-long) jobs=$(for s in 0 1 2; do echo "t07long-grpo-s$s --algo grpo --seed $s --temperature 0.7 --iters 24 --eval-every 6"
       echo "t07long-w0.01-s$s --seed $s --temperature 0.7 --iters 24 --eval-every 6 --w-episode 0.01 --w-step 0.01"; done) ;;
   lr) jobs=$(for lr in 3e-5 1e-4 3e-4; do echo "lr$lr-grpo-s0 --algo grpo --seed 0 --lr $lr"
-      echo "lr$lr-w0.01-s0 --seed 0 --lr $lr --w-episode 0.01 --w-step 0.01"; done) ;;
+      echo "lr$lr-w0.01-s0 --seed 0 --lr $lr --w-episode 0.01 --w-step 0.01"; done
+      echo "long-lr1e-4-grpo-s0 --algo grpo --seed 0 --lr 1e-4 --iters 24 --eval-every 12"
+      echo "long-lr1e-4-w0.01-s0 --seed 0 --lr 1e-4 --iters 24 --eval-every 12 --w-episode 0.01 --w-step 0.01") ;;
   *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr" >&2; exit 2 ;;
 esac
 mkdir -p runs
