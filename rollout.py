@@ -147,6 +147,8 @@ def summarize(trajs: list[Trajectory]) -> dict:
         "invalid_rate": sum(not s.valid for s in steps) / max(len(steps), 1),
         "mean_steps": len(steps) / n,
         "per_task_type": {k: sum(v) / len(v) for k, v in sorted(per_type.items())},
+        # one [task, won] per episode: two evaluations of the same games can then be compared game by game
+        "episode_wins": sorted([t.task_index, int(t.won)] for t in trajs),
     }
 
 

@@ -504,6 +504,39 @@ def test_before_after_table_by_hand(tmp_path):
     assert "no evaluation" in train.before_after_table(records[1:2], 60, 60, "eval", tmp_path)
 
 
+def test_paired_change_by_hand():
+    # five games once each: d = [1, 0, 0, -1, 1], mean 0.2, Σ(d − d̄)² = 2.8, s.e. = sqrt(5 · 2.8 / 4) / 5 = 0.3742
+    first = [[0, 0], [1, 1], [2, 0], [3, 1], [4, 0]]
+    last = [[4, 1], [3, 0], [2, 0], [1, 1], [0, 1]]            # order does not matter, the game does
+    change, se = train.paired_change(first, last)
+    assert change == pytest.approx(0.2) and se == pytest.approx(0.37417, abs=1e-5)
+    # two games twice each: d = [2, -1] over 4 episodes → change 1/4; s.e. = sqrt(2 · 4.5 / 1) / 4 = 0.75
+    change, se = train.paired_change([[0, 0], [0, 0], [1, 1], [1, 0]], [[0, 1], [0, 1], [1, 0], [1, 0]])
+    assert change == pytest.approx(0.25) and se == pytest.approx(0.75)
+    # different games, a different number of plays, or too few games: no paired error
+    assert train.paired_change([[0, 1], [1, 0]], [[0, 1], [2, 0]]) is None
+    assert train.paired_change([[0, 1], [1, 0]], [[0, 1], [0, 1], [1, 0]]) is None
+    assert train.paired_change([[0, 1]], [[0, 0]]) is None
+
+
+def test_before_after_table_pairs_by_game(tmp_path):
+    wins0 = [[t, int(t < 3)] for t in range(10)]                 # games 0-2 won
+    wins1 = [[t, int(t < 5)] for t in range(10)]                 # games 0-4 won: d = 1 on games 3, 4
+    records = [{"kind": "eval", "updates": 0, "env_steps": 0, "eval/success_rate": 0.3, "eval/invalid_rate": 0.0,
+                "eval/episode_wins": wins0},
+               {"kind": "eval", "updates": 4, "env_steps": 99, "eval/success_rate": 0.5, "eval/invalid_rate": 0.0,
+                "eval/episode_wins": wins1}]
+    table = train.before_after_table(records, 10, 10, "eval", tmp_path)
+    # d̄ = 0.2, Σ(d − d̄)² = 2 · 0.64 + 8 · 0.04 = 1.6, s.e. = sqrt(10 · 1.6 / 9) / 10 = 0.1333
+    change_line = table.splitlines()[4]
+    assert "+0.200 ± 0.133" in change_line and "paired by game" in change_line
+
+
+def test_summarize_records_every_episode_by_game():
+    trajs = [rollout.Trajectory(uid=0, traj_uid=i, task_index=t, task="x", task_type="y", env_name="alfworld", won=w) for i, (t, w) in enumerate(((2, True), (0, False), (2, False)))]
+    assert rollout.summarize(trajs)["episode_wins"] == [[0, 0], [2, 0], [2, 1]]
+
+
 def test_advantage_metrics_by_hand():
     # group 0 all lost (A = 0), group 1 mixed (A = ±1); the token-level term adds 0.5 on one token
     outcome = torch.tensor([0.0, 0.0, 1.0, -1.0])
