@@ -25,7 +25,8 @@ Comparison reads each run's metrics.jsonl ("kind": "train" / "eval" lines), grou
 success at every evaluated budget, and sample efficiency: the environment steps each label needs
 to reach the `--reference` label's (GRPO's) final mean eval success, also as a fraction of the
 reference's own; with `--plot` it draws eval success vs environment steps and vs updates
-(shaded band: ± 1 standard error over seeds). It also prints each label's final success minus
+(shaded band: ± 1 standard error over seeds). It also prints each run's change from its first
+evaluation (± paired by game where the run recorded its episodes), each label's final success minus
 the reference's, paired by seed, and the Δ statistics of the runs that computed Δ.
 
 A baseline policy is a function `policy(prompts, envs) -> responses`: it gets the current prompt
@@ -186,6 +187,28 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return mean, 0.0
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def paired_change(first: list[list[int]], last: list[list[int]]) -> tuple[float, float] | None:
+    """Change in success between two evaluations of the same games, and its standard error with
+    the game as the unit: d_t = wins_last(t) − wins_first(t) per game t over E episodes in all,
+    change = Σ d_t / E, s.e. = sqrt(T · Σ (d_t − d̄)² / (T − 1)) / E over the T games. A game's
+    difficulty is shared by both evaluations, so this error is smaller than treating them as
+    independent. None when the two did not play the same games the same number of times."""
+    def per_game(pairs):
+        wins, plays = defaultdict(int), defaultdict(int)
+        for task, won in pairs:
+            wins[task] += won
+            plays[task] += 1
+        return wins, plays
+    (w0, n0), (w1, n1) = per_game(first), per_game(last)
+    if n0 != n1 or len(n0) < 2:
+        return None
+    diffs = [w1[t] - w0[t] for t in n0]
+    games, episodes = len(diffs), sum(n0.values())
+    mean = sum(diffs) / games
+    spread = (games * sum((d - mean) ** 2 for d in diffs) / (games - 1)) ** 0.5 / episodes
+    return sum(diffs) / episodes, spread
 
 
 def aggregate(summaries: list[dict]) -> dict[str, dict]:
@@ -442,7 +465,7 @@ def compare_runs(run_dirs: list[str], labels: list[str] | None = None) -> dict:
     for run_dir, label in zip(run_dirs, labels):
         records = read_metrics(Path(run_dir))
         g = groups.setdefault(label, {"runs": [], "finals": [], "curves": [], "splits": set(), "seeds": [],
-                                      "deltas": []})
+                                      "deltas": [], "changes": []})
         g["runs"].append(str(run_dir))
         g["seeds"].append(run_seed(Path(run_dir)))
         g["deltas"].append(delta_stats(records))
@@ -450,6 +473,7 @@ def compare_runs(run_dirs: list[str], labels: list[str] | None = None) -> dict:
         g["splits"].update(r.get("split", "eval") for r in records if r.get("kind") == "eval")
         g["finals"].append(final_metrics(records))
         g["curves"].append(eval_curve(records))
+        g["changes"].append(start_change(records))
     out = {}
     for label, g in groups.items():
         final = {}
@@ -459,8 +483,39 @@ def compare_runs(run_dirs: list[str], labels: list[str] | None = None) -> dict:
             final[key] = {"mean": mean if values else None, "std": std, "n": len(values), "values": values}
         out[label] = {"runs": g["runs"], "final": final, "curve": group_curve(g["curves"]),
                       "eval_splits": sorted(g["splits"]), "seeds": g["seeds"], "deltas": g["deltas"],
-                      "final_by_run": [f["final_eval_success"] for f in g["finals"]]}
+                      "final_by_run": [f["final_eval_success"] for f in g["finals"]], "changes": g["changes"]}
     return out
+
+
+def start_change(records: list[dict]) -> dict | None:
+    """Last minus first evaluation of one run: {"change", "se"}, se paired by game when both
+    evaluations recorded their episodes (`paired_change`), else None; None without two evaluations."""
+    evals = sorted((r for r in records if r.get("kind") == "eval" and "eval/success_rate" in r),
+                   key=lambda r: r.get("updates", 0))
+    if len(evals) < 2:
+        return None
+    first, last = evals[0], evals[-1]
+    paired = paired_change(first.get("eval/episode_wins", []), last.get("eval/episode_wins", []))
+    return {"change": last["eval/success_rate"] - first["eval/success_rate"], "se": paired[1] if paired else None}
+
+
+def change_table(groups: dict) -> str:
+    """Per label: each seed's change from its first evaluation (± paired by game where recorded),
+    and the mean change ± the standard error over seeds (sample std / √n)."""
+    rows = []
+    for label, g in groups.items():
+        pairs = [(seed, c) for seed, c in zip(g["seeds"], g["changes"]) if c is not None]
+        if not pairs:
+            continue
+        per_seed = ", ".join(f"s{seed}: {c['change']:+.3f}" + (f" ± {c['se']:.3f}" if c["se"] is not None else "")
+                             for seed, c in pairs)
+        mean, std = mean_std([c["change"] for _, c in pairs])
+        rows.append(f"| {label} | {per_seed} | {mean:+.3f} ± {std / math.sqrt(len(pairs)):.3f} |")
+    if not rows:
+        return ""
+    return "\n".join(["Eval success at the last evaluation minus the first, per run (± paired by game, where the "
+                      "runs recorded their episodes) and mean ± s.e. over seeds:", "",
+                      "| run | per seed | mean ± s.e. |", "|---|---|---|"] + rows)
 
 
 def split_note(groups: dict) -> str:
@@ -684,7 +739,7 @@ def main(argv=None) -> dict:
         eff = efficiency(groups, reference)
         budgets = "Eval success at each budget (mean ± std over seeds):\n\n" + budget_table(groups)
         paired = paired_differences(groups, reference)
-        parts = (split_note(groups), compare_table(groups), budgets, efficiency_table(eff),
+        parts = (split_note(groups), compare_table(groups), budgets, change_table(groups), efficiency_table(eff),
                  paired_table(paired, reference), delta_table(groups))
         table = "\n\n".join(part for part in parts if part)
         print(table)

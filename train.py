@@ -25,7 +25,6 @@ import random
 import re
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -997,33 +996,11 @@ def merge_records(records: list[dict]) -> dict:
     return merged
 
 
-def paired_change(first: list[list[int]], last: list[list[int]]) -> tuple[float, float] | None:
-    """Change in success between two evaluations of the same games, and its standard error with
-    the game as the unit: d_t = wins_last(t) − wins_first(t) per game t over E episodes in all,
-    change = Σ d_t / E, s.e. = sqrt(T · Σ (d_t − d̄)² / (T − 1)) / E over the T games. A game's
-    difficulty is shared by both evaluations, so this error is smaller than treating them as
-    independent. None when the two did not play the same games the same number of times."""
-    def per_game(pairs):
-        wins, plays = defaultdict(int), defaultdict(int)
-        for task, won in pairs:
-            wins[task] += won
-            plays[task] += 1
-        return wins, plays
-    (w0, n0), (w1, n1) = per_game(first), per_game(last)
-    if n0 != n1 or len(n0) < 2:
-        return None
-    diffs = [w1[t] - w0[t] for t in n0]
-    games, episodes = len(diffs), sum(n0.values())
-    mean = sum(diffs) / games
-    spread = (games * sum((d - mean) ** 2 for d in diffs) / (games - 1)) ** 0.5 / episodes
-    return sum(diffs) / episodes, spread
-
-
 def before_after_table(records: list[dict], episodes: int, games: int | None, split: str, run_dir: Path,
                        plot: Path | None = None) -> str:
     """The run's first and last evaluation side by side: success ± its standard error
     sqrt(p(1 − p)/n) over the n evaluation episodes, the invalid-action rate, and where the
-    metrics are. The change's error pairs the two evaluations game by game (`paired_change`)
+    metrics are. The change's error pairs the two evaluations game by game (`eval.paired_change`)
     when both recorded their episodes, else treats them as independent samples."""
     evals = [r for r in records if r.get("kind") == "eval"]
     if not evals:
@@ -1039,7 +1016,7 @@ def before_after_table(records: list[dict], episodes: int, games: int | None, sp
                      f"{r['eval/invalid_rate']:>14.3f}")
     change = last["eval/success_rate"] - first["eval/success_rate"]
     spread = (error(first["eval/success_rate"]) ** 2 + error(last["eval/success_rate"]) ** 2) ** 0.5
-    paired = paired_change(first.get("eval/episode_wins", []), last.get("eval/episode_wins", []))
+    paired = evaluation.paired_change(first.get("eval/episode_wins", []), last.get("eval/episode_wins", []))
     if paired is not None:
         change, spread = paired
     lines.append(f"{'change':8}{'':19}{f'{change:+.3f} ± {spread:.3f}':>18}"

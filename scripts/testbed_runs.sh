@@ -14,9 +14,13 @@
 #   bash scripts/testbed_runs.sh default        # the default runs themselves, GRPO and OPID, seeds 0-2
 #   bash scripts/testbed_runs.sh lr             # GRPO and OPID (w = 0.01) at lr 3e-5 (the default), 1e-4, 3e-4, seed 0;
 #                                               #   and at lr 1e-4 for 24 iterations, evaluated every 12
+#   bash scripts/testbed_runs.sh updates        # GRPO and OPID (w = 0.01), seed 0, lr 1e-4 with 2 passes of 64-sample
+#                                               #   mini-batches per iteration (8 optimizer steps instead of 1-2)
+#   bash scripts/testbed_runs.sh groups         # GRPO and OPID (w = 0.01), seed 0, groups of 8 rollouts instead of 4
 #
-# The sets w-sweep, normalised, t07, t07-long and before-after were run with the 240-episode kept
-# agent; lr, default and paired also with the current 480-episode one (docs/experiments.md, "a stronger kept agent").
+# The sets normalised, t07, t07-long and before-after were run with the 240-episode kept agent; w-sweep
+# with both (its w = 0.1 and 1 runs with the current one: docs/experiments.md, "the w sweep with the
+# stronger agent"); lr, default, paired, updates and groups with the current 480-episode one.
 #
 # DRY_RUN=1 prints the train.py commands instead of running them.
 # Two runs at a time, one torch thread each (about 300-450 s per run on 2 cores). A run whose
@@ -48,7 +52,11 @@ default-opid-s2 --seed 2" ;;
       echo "lr$lr-w0.01-s0 --seed 0 --lr $lr --w-episode 0.01 --w-step 0.01"; done
       echo "long-lr1e-4-grpo-s0 --algo grpo --seed 0 --lr 1e-4 --iters 24 --eval-every 12"
       echo "long-lr1e-4-w0.01-s0 --seed 0 --lr 1e-4 --iters 24 --eval-every 12 --w-episode 0.01 --w-step 0.01") ;;
-  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr" >&2; exit 2 ;;
+  updates) jobs="p-mb64-grpo-s0 --algo grpo --seed 0 --lr 1e-4 --mini-batch-size 64 --ppo-epochs 2
+p-mb64-w0.01-s0 --seed 0 --lr 1e-4 --mini-batch-size 64 --ppo-epochs 2 --w-episode 0.01 --w-step 0.01" ;;
+  groups) jobs="g8-grpo-s0 --algo grpo --seed 0 --group-size 8
+g8-w0.01-s0 --seed 0 --group-size 8 --w-episode 0.01 --w-step 0.01" ;;
+  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups" >&2; exit 2 ;;
 esac
 mkdir -p runs
 run_one() {

@@ -62,6 +62,39 @@ def test_compare_groups_runs_by_label_mean_and_sample_std(fake_runs, capsys):
     assert err.count("warning") == 1 and "skipped 2 broken line(s)" in err and "opid-s1" in err
 
 
+def test_paired_change_by_hand():
+    # five games once each: d = [1, 0, 0, -1, 1], mean 0.2, Σ(d − d̄)² = 2.8, s.e. = sqrt(5 · 2.8 / 4) / 5 = 0.3742
+    first = [[0, 0], [1, 1], [2, 0], [3, 1], [4, 0]]
+    last = [[4, 1], [3, 0], [2, 0], [1, 1], [0, 1]]            # order does not matter, the game does
+    change, se = ev.paired_change(first, last)
+    assert change == pytest.approx(0.2) and se == pytest.approx(0.37417, abs=1e-5)
+    # two games twice each: d = [2, -1] over 4 episodes → change 1/4; s.e. = sqrt(2 · 4.5 / 1) / 4 = 0.75
+    change, se = ev.paired_change([[0, 0], [0, 0], [1, 1], [1, 0]], [[0, 1], [0, 1], [1, 0], [1, 0]])
+    assert change == pytest.approx(0.25) and se == pytest.approx(0.75)
+    # different games, a different number of plays, or too few games: no paired error
+    assert ev.paired_change([[0, 1], [1, 0]], [[0, 1], [2, 0]]) is None
+    assert ev.paired_change([[0, 1], [1, 0]], [[0, 1], [0, 1], [1, 0]]) is None
+    assert ev.paired_change([[0, 1]], [[0, 0]]) is None
+
+
+def test_compare_reports_each_runs_change_from_its_start(tmp_path, capsys):
+    def wins(won):                                            # ten games once each, the first `won` won
+        return [[t, int(t < won)] for t in range(10)]
+    runs = [write_run(tmp_path / "a-s0", [{**ev_line(0, 0, 0.3), "eval/episode_wins": wins(3)},
+                                          {**ev_line(4, 99, 0.5), "eval/episode_wins": wins(5)}]),
+            write_run(tmp_path / "a-s1", [ev_line(0, 0, 0.4), ev_line(4, 99, 0.3)]),   # no per-episode record
+            write_run(tmp_path / "b-s0", [ev_line(0, 0, 0.4)])]                        # one evaluation: no change
+    groups = ev.compare_runs([str(r) for r in runs], ["a", "a", "b"])
+    assert groups["a"]["changes"][0] == {"change": pytest.approx(0.2), "se": pytest.approx(0.13333, abs=1e-5)}
+    assert groups["a"]["changes"][1] == {"change": pytest.approx(-0.1), "se": None}
+    assert groups["b"]["changes"] == [None]
+    table = ev.change_table(groups)
+    # mean of +0.2 and −0.1 = +0.05; sample std 0.2121 / √2 = 0.150
+    assert "| a | s0: +0.200 ± 0.133, s1: -0.100 | +0.050 ± 0.150 |" in table and "| b |" not in table
+    ev.main(["--compare", *map(str, runs), "--labels", "a", "a", "b", "--plot", str(tmp_path / "c.png")])
+    assert "s0: +0.200 ± 0.133" in capsys.readouterr().out
+
+
 def test_compare_cli_prints_table_and_writes_png(fake_runs, tmp_path, capsys):
     png, md = tmp_path / "plots" / "curves.png", tmp_path / "cmp.md"
     ev.main(["--compare", *fake_runs, "--labels", "opid", "opid", "grpo", "--plot", str(png), "--md", str(md)])

@@ -504,21 +504,6 @@ def test_before_after_table_by_hand(tmp_path):
     assert "no evaluation" in train.before_after_table(records[1:2], 60, 60, "eval", tmp_path)
 
 
-def test_paired_change_by_hand():
-    # five games once each: d = [1, 0, 0, -1, 1], mean 0.2, Σ(d − d̄)² = 2.8, s.e. = sqrt(5 · 2.8 / 4) / 5 = 0.3742
-    first = [[0, 0], [1, 1], [2, 0], [3, 1], [4, 0]]
-    last = [[4, 1], [3, 0], [2, 0], [1, 1], [0, 1]]            # order does not matter, the game does
-    change, se = train.paired_change(first, last)
-    assert change == pytest.approx(0.2) and se == pytest.approx(0.37417, abs=1e-5)
-    # two games twice each: d = [2, -1] over 4 episodes → change 1/4; s.e. = sqrt(2 · 4.5 / 1) / 4 = 0.75
-    change, se = train.paired_change([[0, 0], [0, 0], [1, 1], [1, 0]], [[0, 1], [0, 1], [1, 0], [1, 0]])
-    assert change == pytest.approx(0.25) and se == pytest.approx(0.75)
-    # different games, a different number of plays, or too few games: no paired error
-    assert train.paired_change([[0, 1], [1, 0]], [[0, 1], [2, 0]]) is None
-    assert train.paired_change([[0, 1], [1, 0]], [[0, 1], [0, 1], [1, 0]]) is None
-    assert train.paired_change([[0, 1]], [[0, 0]]) is None
-
-
 def test_before_after_table_pairs_by_game(tmp_path):
     wins0 = [[t, int(t < 3)] for t in range(10)]                 # games 0-2 won
     wins1 = [[t, int(t < 5)] for t in range(10)]                 # games 0-4 won: d = 1 on games 3, 4
