@@ -1,4 +1,4 @@
-"""The environment contract every environment shares: the cache folder, response parsing, validity.
+"""The environment contract every environment shares: the cache folder, response parsing, validity, ranking.
 
 docs/method.md §12 (and §2 for parsing; arXiv 2606.26790). Every environment is a single-copy
 class with the same small interface (`reset(task_index)`, `step(raw_response_text)`, `prompt()`,
@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 
 def cache_dir(*parts: str) -> Path:
     """Folder for generated games, catalogues, corpora and model caches (git-ignored).
@@ -23,6 +25,19 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def top_k(scores: np.ndarray, k: int) -> list[int]:
+    """Indices of the (at most) k highest positive scores, highest first, equal scores in index
+    order. A plain top-k selection (bm25s's `retrieve`) orders equal scores differently from one
+    numpy version to the next; a search page or a retrieved passage list must not."""
+    k = min(k, len(scores))
+    if k <= 0:
+        return []
+    kth = np.partition(scores, len(scores) - k)[len(scores) - k]      # the k-th highest score
+    candidates = np.flatnonzero((scores >= kth) & (scores > 0))         # every tie at the cut too
+    ranked = candidates[np.lexsort((candidates, -scores[candidates]))]
+    return [int(i) for i in ranked[:k]]
 
 
 # ---------------------------------------------------------------------------------------------

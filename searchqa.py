@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import json_http
-from envs import cache_dir, parse_response
+from envs import cache_dir, parse_response, top_k
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +118,11 @@ class BM25Retriever:
     def search(self, query: str, k: int = 3) -> list[dict]:
         words = self._bm25s.tokenize([query], stopwords="en", return_ids=False,
                                      show_progress=False)[0]
+        words = [w for w in words if w in self.index.vocab_dict]
         if not words:
             return []
-        k = min(k, len(self.passages))
-        ids, scores = self.index.retrieve([words], k=k, show_progress=False)
-        return [{**self.passages[int(i)], "score": float(s)}
-                for i, s in zip(ids[0], scores[0]) if s > 0]
+        scores = self.index.get_scores(words)
+        return [{**self.passages[i], "score": float(scores[i])} for i in top_k(scores, k)]  # ties in corpus order
 
 
 @functools.lru_cache(maxsize=8)

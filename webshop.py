@@ -32,7 +32,7 @@ import random
 import os
 import re
 
-from envs import VALIDITY_RULES, cache_dir, parse_response
+from envs import VALIDITY_RULES, cache_dir, parse_response, top_k
 
 CATALOGUE_VERSION = 1     # bump when the generator changes: it names the cached JSON file
 RESULTS_PER_PAGE = 10
@@ -323,9 +323,7 @@ def search_products(catalogue: dict, query: str) -> list[int]:
               if t in retriever.vocab_dict]
     found: list[int] = []
     if tokens:
-        k = min(MAX_RESULTS, len(catalogue["products"]))
-        docs, scores = retriever.retrieve([tokens], k=k, show_progress=False, n_threads=1)
-        found = [int(d) for d, s in zip(docs[0], scores[0]) if s > 0]
+        found = top_k(retriever.get_scores(tokens), MAX_RESULTS)   # equal scores in catalogue order
     if len(_SEARCH_CACHE) < 100_000:
         _SEARCH_CACHE[(key, query)] = found
     return found

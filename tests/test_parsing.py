@@ -197,3 +197,14 @@ def test_admissible_validity_is_kept_as_an_option(small_cache):
     assert info["action_valid"]
     with pytest.raises(ValueError, match="unknown validity rule"):
         make(small_cache, validity="strict")
+
+
+def test_top_k_ranks_by_score_then_index_and_keeps_only_positive_scores():
+    import numpy as np
+    scores = np.array([0.5, 2.0, 0.5, 0.0, 2.0, 0.5, 1.0])
+    assert envs.top_k(scores, 3) == [1, 4, 6]            # 2.0 tie in index order, then 1.0
+    assert envs.top_k(scores, 5) == [1, 4, 6, 0, 2]      # the 0.5 tie at the cut: lowest indices first
+    assert envs.top_k(scores, 10) == [1, 4, 6, 0, 2, 5]  # the 0 score never
+    assert envs.top_k(scores, 0) == [] and envs.top_k(np.zeros(3), 2) == []
+    # the same ranking whatever order the tie arrives in
+    assert envs.top_k(scores[::-1], 2) == [2, 5]

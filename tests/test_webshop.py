@@ -188,18 +188,27 @@ def test_expert_recovers_from_a_detour(env):
 
 def test_expert_buys_the_first_result_that_scores_one_not_the_hidden_target():
     train = WebShopEnv(split="train")
-    train.reset(3)  # "a gold plated hdmi cable, price lower than 30": the target is the 4th result
+    train.reset(3)  # "a gold plated hdmi cable, price lower than 30": the target is the 6th result
     train.step(act(train.expert_action()))
     catalogue, goal = train.catalogue, train.goal
     target = catalogue["by_asin"][goal["asin"]]
     first = train.results[0]
-    assert train.results.index(target) == 3
+    assert train.results.index(target) == 5
     assert webshop.best_purchase_score(catalogue["products"][first], goal) == 1.0
     assert train.expert_action() == f"click[{catalogue['products'][first]['asin'].lower()}]"
     done, info = False, {}
     while not done:
         _, reward, done, info = train.step(act(train.expert_action()))
     assert info["won"] and reward == 10.0 and train.item == first != target
+
+
+def test_search_breaks_score_ties_by_catalogue_index():
+    # "gold plated hdmi cable": one product scores highest, then seven tie (129 388 462 758 869 1276
+    # 1461); the page lists the tie in catalogue order whatever order numpy's top-k selection gives
+    catalogue = webshop.load_catalogue(0)
+    found = webshop.search_products(catalogue, "please find a gold plated hdmi cable")
+    assert found[:8] == [314, 129, 388, 462, 758, 869, 1276, 1461]
+    assert len(found) == webshop.MAX_RESULTS
 
 
 def test_best_purchase_score_chooses_the_goal_options_the_product_offers():
