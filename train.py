@@ -1000,7 +1000,7 @@ def before_after_table(records: list[dict], episodes: int, games: int | None, sp
                        plot: Path | None = None) -> str:
     """The run's first and last evaluation side by side: success ± its standard error
     sqrt(p(1 − p)/n) over the n evaluation episodes, the invalid-action rate, and where the
-    metrics are. The change's error pairs the two evaluations game by game (`eval.paired_change`)
+    metrics are. The change's error pairs the two evaluations game by game (`eval.start_change`)
     when both recorded their episodes, else treats them as independent samples."""
     evals = [r for r in records if r.get("kind") == "eval"]
     if not evals:
@@ -1016,12 +1016,13 @@ def before_after_table(records: list[dict], episodes: int, games: int | None, sp
                      f"{r['eval/invalid_rate']:>14.3f}")
     change = last["eval/success_rate"] - first["eval/success_rate"]
     spread = (error(first["eval/success_rate"]) ** 2 + error(last["eval/success_rate"]) ** 2) ** 0.5
-    paired = evaluation.paired_change(first.get("eval/episode_wins", []), last.get("eval/episode_wins", []))
-    if paired is not None:
-        change, spread = paired
+    measured = evaluation.start_change(records)         # its error paired by game, where recorded
+    paired = bool(measured) and measured["se"] is not None
+    if paired:
+        spread = measured["se"]
     lines.append(f"{'change':8}{'':19}{f'{change:+.3f} ± {spread:.3f}':>18}"
                  f"{last['eval/invalid_rate'] - first['eval/invalid_rate']:>+14.3f}"
-                 + ("   (± paired by game)" if paired is not None else "   (± as independent samples)"))
+                 + ("   (± paired by game)" if paired else "   (± as independent samples)"))
     lines.append(f"metrics: {run_dir / 'metrics.jsonl'}" + (f"   plot: {plot}" if plot else ""))
     return "\n".join(lines)
 
