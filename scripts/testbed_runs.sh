@@ -17,10 +17,16 @@
 #   bash scripts/testbed_runs.sh updates        # GRPO and OPID (w = 0.01), seed 0, lr 1e-4 with 2 passes of 64-sample
 #                                               #   mini-batches per iteration (8 optimizer steps instead of 1-2)
 #   bash scripts/testbed_runs.sh groups         # GRPO and OPID (w = 0.01), seed 0, groups of 8 rollouts instead of 4
+#   bash scripts/testbed_runs.sh t04            # OPID (w = 0.01), seed 0, rollouts at T = 0.4 (the evaluation's), 24
+#                                               #   iterations evaluated every 12, at lr 3e-5 and 1e-4
+#   bash scripts/testbed_runs.sh long48         # GRPO and OPID (w = 0.01), seed 0, 48 iterations evaluated every 12
+#   bash scripts/testbed_runs.sh admissible     # GRPO and OPID (w = 0.01), seed 0, --validity admissible: the
+#                                               #   per-step penalty also on well-formed actions the room cannot carry out
 #
 # The sets normalised, t07, t07-long and before-after were run with the 240-episode kept agent; w-sweep
 # with both (its w = 0.1 and 1 runs with the current one: docs/experiments.md, "the w sweep with the
-# stronger agent"); lr, default, paired, updates and groups with the current 480-episode one.
+# stronger agent"); lr, default, paired, updates, groups, t04, long48 and admissible with the current
+# 480-episode one.
 #
 # DRY_RUN=1 prints the train.py commands instead of running them.
 # Two runs at a time, one torch thread each (about 300-450 s per run on 2 cores). A run whose
@@ -56,7 +62,13 @@ default-opid-s2 --seed 2" ;;
 p-mb64-w0.01-s0 --seed 0 --lr 1e-4 --mini-batch-size 64 --ppo-epochs 2 --w-episode 0.01 --w-step 0.01" ;;
   groups) jobs="g8-grpo-s0 --algo grpo --seed 0 --group-size 8
 g8-w0.01-s0 --seed 0 --group-size 8 --w-episode 0.01 --w-step 0.01" ;;
-  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups" >&2; exit 2 ;;
+  t04) jobs="t04-w0.01-s0 --seed 0 --temperature 0.4 --iters 24 --eval-every 12 --w-episode 0.01 --w-step 0.01
+t04-lr1e-4-w0.01-s0 --seed 0 --temperature 0.4 --iters 24 --eval-every 12 --lr 1e-4 --w-episode 0.01 --w-step 0.01" ;;
+  long48) jobs="long48-grpo-s0 --algo grpo --seed 0 --iters 48 --eval-every 12
+long48-w0.01-s0 --seed 0 --iters 48 --eval-every 12 --w-episode 0.01 --w-step 0.01" ;;
+  admissible) jobs="adm-grpo-s0 --algo grpo --seed 0 --validity admissible
+adm-w0.01-s0 --seed 0 --validity admissible --w-episode 0.01 --w-step 0.01" ;;
+  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups|t04|long48|admissible" >&2; exit 2 ;;
 esac
 mkdir -p runs
 run_one() {

@@ -308,3 +308,35 @@ def test_paired_differences_and_delta_table_by_hand(tmp_path, capsys):
     ev.main(["--compare", *runs, "--labels", "grpo", "grpo", "opid", "opid", "opid"])
     out = capsys.readouterr().out
     assert "| opid | s0: +0.100, s1: +0.300 | +0.200 ± 0.100 |" in out
+
+
+def test_failure_modes_counts_noops_repeats_and_the_step_limit_by_hand():
+    """scripts/failure_modes.py: a no-op is a step whose answer (the next step's observation) is
+    "Nothing happens."; an action outside the prompt's admissible list is counted apart."""
+    import importlib.util
+
+    import rollout
+    spec = importlib.util.spec_from_file_location("failure_modes", REPO / "scripts" / "failure_modes.py")
+    failure_modes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(failure_modes)
+
+    def traj(won, steps):  # steps: (action, admissible list shown, observation the action was taken on)
+        t = rollout.Trajectory(uid=0, traj_uid=0, task_index=0, task="", task_type="", env_name="alfworld", won=won)
+        for k, (action, admissible, obs) in enumerate(steps):
+            t.samples.append(rollout.Sample(uid=0, traj_uid=0, step=k, prompt_text=f"x\nAdmissible actions: {admissible!r}\ny",
+                                            prompt_ids=[], response_ids=[], old_logprobs=[], response_text="",
+                                            action=action, valid=True, invalid_reason="", observation=obs,
+                                            reward=0.0, privileged=""))
+        return t
+
+    room = ["go to shelf 1", "take plate 1 from shelf 1"]
+    lost = traj(False, [("go to cabinet 1", room, "start"),            # not admissible; answered by a no-op
+                        ("go to cabinet 1", room, "Nothing happens."),  # repeat, not admissible, no-op
+                        ("go to shelf 1", room, "Nothing happens.")])   # the last step: its answer is not seen
+    won = traj(True, [("go to shelf 1", room, "start"), ("take plate 1 from shelf 1", room, "On the shelf 1 ...")])
+    stats = failure_modes.step_stats([lost, won], max_steps=3)
+    assert stats["lost"] == {"episodes": 1, "mean_steps": 3.0, "at_step_limit": 1, "noop_share": 2 / 3,
+                             "not_admissible_share": 2 / 3, "repeat_share": 1 / 3, "noop_verbs": {"go": 2}}
+    assert stats["won"] == {"episodes": 1, "mean_steps": 2.0, "at_step_limit": 0, "noop_share": 0.0,
+                            "not_admissible_share": 0.0, "repeat_share": 0.0, "noop_verbs": {}}
+    assert failure_modes.admissible_in("no list here") == []
