@@ -499,6 +499,12 @@ def start_change(records: list[dict]) -> dict | None:
     return {"change": last["eval/success_rate"] - first["eval/success_rate"], "se": paired[1] if paired else None}
 
 
+def mean_se_cell(values: list[float]) -> str:
+    """'+mean ± s.e.' over seeds (sample std / √n); one seed has no standard error to show."""
+    mean, std = mean_std(values)
+    return f"{mean:+.3f} ± {std / math.sqrt(len(values)):.3f}" if len(values) > 1 else f"{mean:+.3f} (one seed)"
+
+
 def change_table(groups: dict) -> str:
     """Per label: each seed's change from its first evaluation (± paired by game where recorded),
     and the mean change ± the standard error over seeds (sample std / √n)."""
@@ -509,8 +515,7 @@ def change_table(groups: dict) -> str:
             continue
         per_seed = ", ".join(f"s{seed}: {c['change']:+.3f}" + (f" ± {c['se']:.3f}" if c["se"] is not None else "")
                              for seed, c in pairs)
-        mean, std = mean_std([c["change"] for _, c in pairs])
-        rows.append(f"| {label} | {per_seed} | {mean:+.3f} ± {std / math.sqrt(len(pairs)):.3f} |")
+        rows.append(f"| {label} | {per_seed} | {mean_se_cell([c['change'] for _, c in pairs])} |")
     if not rows:
         return ""
     return "\n".join(["Eval success at the last evaluation minus the first, per run (± paired by game, where the "
@@ -617,7 +622,7 @@ def paired_table(paired: dict, reference: str) -> str:
              "| run | per seed | mean ± s.e. |", "|---|---|---|"]
     for label, p in paired.items():
         per_seed = ", ".join(f"s{seed}: {d:+.3f}" for seed, d in zip(p["seeds"], p["differences"]))
-        lines.append(f"| {label} | {per_seed} | {p['mean']:+.3f} ± {p['se']:.3f} |")
+        lines.append(f"| {label} | {per_seed} | {mean_se_cell(p['differences'])} |")
     return "\n".join(lines)
 
 

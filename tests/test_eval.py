@@ -93,6 +93,8 @@ def test_compare_reports_each_runs_change_from_its_start(tmp_path, capsys):
     assert "| a | s0: +0.200 ± 0.133, s1: -0.100 | +0.050 ± 0.150 |" in table and "| b |" not in table
     ev.main(["--compare", *map(str, runs), "--labels", "a", "a", "b", "--plot", str(tmp_path / "c.png")])
     assert "s0: +0.200 ± 0.133" in capsys.readouterr().out
+    one_seed = ev.change_table({"c": {"seeds": [0], "changes": [{"change": -0.017, "se": 0.061}]}})
+    assert "| c | s0: -0.017 ± 0.061 | -0.017 (one seed) |" in one_seed   # no "± 0.000" over one seed
 
 
 def test_compare_cli_prints_table_and_writes_png(fake_runs, tmp_path, capsys):
@@ -308,6 +310,8 @@ def test_paired_differences_and_delta_table_by_hand(tmp_path, capsys):
     ev.main(["--compare", *runs, "--labels", "grpo", "grpo", "opid", "opid", "opid"])
     out = capsys.readouterr().out
     assert "| opid | s0: +0.100, s1: +0.300 | +0.200 ± 0.100 |" in out
+    one = ev.paired_table({"opid": {"seeds": [0], "differences": [-0.017], "mean": -0.017, "se": 0.0}}, "grpo")
+    assert "| opid | s0: -0.017 | -0.017 (one seed) |" in one
 
 
 def test_failure_modes_counts_noops_repeats_and_the_step_limit_by_hand():
