@@ -1,7 +1,7 @@
 """Where does the tiny ALFWorld agent lose held-out games?
 
 Plays the held-out games once each at the evaluation temperature (T = 0.4) with the kept tiny agent
-(or a model folder / a run's checkpoint) and prints, for won and lost episodes apart: episodes, mean
+(or a trained run's checkpoint) and prints, for won and lost episodes apart: episodes, mean
 steps, how many ran into the step limit, the share of steps the engine answered with "Nothing
 happens." (a no-op: the command named an object or place the room does not offer), the share of
 steps that were not in that step's admissible list, the share that repeated the previous action,
