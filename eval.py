@@ -499,10 +499,9 @@ def start_change(records: list[dict]) -> dict | None:
     return {"change": last["eval/success_rate"] - first["eval/success_rate"], "se": paired[1] if paired else None}
 
 
-def mean_se_cell(values: list[float]) -> str:
-    """'+mean ± s.e.' over seeds (sample std / √n); one seed has no standard error to show."""
-    mean, std = mean_std(values)
-    return f"{mean:+.3f} ± {std / math.sqrt(len(values)):.3f}" if len(values) > 1 else f"{mean:+.3f} (one seed)"
+def mean_se_cell(mean: float, se: float, n: int) -> str:
+    """'+mean ± s.e.' over n seeds; one seed has no standard error to show."""
+    return f"{mean:+.3f} ± {se:.3f}" if n > 1 else f"{mean:+.3f} (one seed)"
 
 
 def change_table(groups: dict) -> str:
@@ -515,7 +514,8 @@ def change_table(groups: dict) -> str:
             continue
         per_seed = ", ".join(f"s{seed}: {c['change']:+.3f}" + (f" ± {c['se']:.3f}" if c["se"] is not None else "")
                              for seed, c in pairs)
-        rows.append(f"| {label} | {per_seed} | {mean_se_cell([c['change'] for _, c in pairs])} |")
+        mean, std = mean_std([c["change"] for _, c in pairs])
+        rows.append(f"| {label} | {per_seed} | {mean_se_cell(mean, std / math.sqrt(len(pairs)), len(pairs))} |")
     if not rows:
         return ""
     return "\n".join(["Eval success at the last evaluation minus the first, per run (± paired by game, where the "
@@ -622,7 +622,7 @@ def paired_table(paired: dict, reference: str) -> str:
              "| run | per seed | mean ± s.e. |", "|---|---|---|"]
     for label, p in paired.items():
         per_seed = ", ".join(f"s{seed}: {d:+.3f}" for seed, d in zip(p["seeds"], p["differences"]))
-        lines.append(f"| {label} | {per_seed} | {mean_se_cell(p['differences'])} |")
+        lines.append(f"| {label} | {per_seed} | {mean_se_cell(p['mean'], p['se'], len(p['differences']))} |")
     return "\n".join(lines)
 
 
