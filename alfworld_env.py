@@ -45,7 +45,8 @@ def _split_task(feedback: str) -> tuple[str, str]:
 class AlfWorldEnv:
     """One ALFWorld episode at a time on the real alfworld/TextWorld engine (docs/method.md §12).
 
-    Data: by default the games `worlds.py` generates (`split` "train" or "eval", `n_games` games,
+    Data: by default the games `worlds.py` generates (`split` "train" or "eval", or "fresh": train-like
+    games disjoint from both that the kept agent was never cloned on; `n_games` games,
     written once under `cache_dir("alfworld")`). With `data_dir` given, or when `$ALFWORLD_DATA`
     holds the official games (`alfworld-download`), the same code path loads every
     `game.tw-pddl` below `data_dir` or below `$ALFWORLD_DATA/json_2.1.1/train` (split "train") /
@@ -89,8 +90,11 @@ class AlfWorldEnv:
         max_steps = max_steps or worlds.WORLDS[world]["max_steps"]
         folder = Path(data_dir) if data_dir else _official_folder(split)
         self.official = folder is not None
+        if split == "fresh" and (data_dir or _official_folder("train")):
+            raise ValueError("split 'fresh' exists only among the generated games, not in official or given data")
         if folder is None:
-            folder = worlds.ensure_split(split, n_games, train_games=train_games, world=world)
+            # a fresh split is kept apart from the eval split of the same size (train.py sizes them alike)
+            folder = worlds.ensure_split(split, n_games, train_games=train_games, world=world, eval_games=n_games)
         self.game_files = [str(p) for p in worlds.game_files(folder)]
         if n_games and self.official:
             self.game_files = self.game_files[:n_games]

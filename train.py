@@ -70,6 +70,7 @@ class Config:
     eval_every: int = arg(0, "evaluate every k iterations (0: only before the first and after the last)")
     eval_episodes: int = arg(60, "episodes per evaluation (0: no evaluation; 60 = each held-out ALFWorld game once)")
     eval_split: str = arg("eval", "split the evaluations play: eval, or train to measure the games trained on")
+    train_split: str = arg("train", "split the training rollouts play: train, or (ALFWorld) fresh: generated games the kept agent was not cloned on")
     eval_temperature: float = arg(0.4, "sampling temperature of evaluation (the paper's validation setting)")
     eval_greedy: bool = arg(False, "evaluate with greedy decoding instead of T=eval_temperature sampling")
     report_to: str = arg("none", "also log metrics.jsonl's scalars to: none | tensorboard | wandb (accelerate trackers)")
@@ -161,7 +162,7 @@ ROUTINGS = ("step_priority", "additive", "episode_only", "step_only")
 ANALYZER_ALGOS = ("opid", "skill_sd", "rlsd", "skill_grpo")  # the algorithms that ask for skills
 CHOICES = {  # field: the values it takes
     "env": tuple(ENV_DEFAULTS), "algo": ALGOS, "routing": ROUTINGS,
-    "critical_steps": ("analyzer", "statistics"), "eval_split": ("eval", "train"),
+    "critical_steps": ("analyzer", "statistics"), "eval_split": ("eval", "train"), "train_split": ("train", "fresh"),
     "webshop_backend": ("sim", "official"), "search_retriever": ("bm25", "server"),
     "analyzer": ("rule", "openai", "policy"), "adv_mode": ("mean_std_norm", "mean_norm"),
     "validity": ("format", "admissible"), "penalty_scope": ("step", "trajectory"),
@@ -265,6 +266,8 @@ def resolve_defaults(cfg: Config) -> Config:
         value = getattr(cfg, name)
         if value not in choices and not (value is None and name == "adv_mode"):
             raise SystemExit(f"{flag(name)} must be one of {', '.join(choices)}; got {value!r}")
+    if cfg.train_split == "fresh" and cfg.env != "alfworld":
+        raise SystemExit("--train-split fresh exists only for --env alfworld (its generated games)")
     if cfg.alfworld_task_types:
         wanted = alfworld_task_types(cfg)
         if cfg.env != "alfworld" or not wanted or not set(wanted) <= set(ALFWORLD_TASK_TYPES):
@@ -823,7 +826,7 @@ def main(cfg: Config, trackers: list | None = None) -> Path:
     skill_bank: dict[int, str] = {int(k): v for k, v in state.get("skill_bank", {}).items()}
 
     unwrapped = accelerator.unwrap_model(model)
-    envs = [make_env(cfg.env, split="train", **env_kwargs(cfg)) for _ in range(cfg.tasks_per_batch * cfg.group_size)]
+    envs = [make_env(cfg.env, split=cfg.train_split, **env_kwargs(cfg)) for _ in range(cfg.tasks_per_batch * cfg.group_size)]
     num_train_tasks = envs[0].num_tasks()
     analyzer = build_analyzer(cfg, unwrapped, tokenizer) if cfg.algo in ANALYZER_ALGOS else None
 

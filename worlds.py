@@ -72,8 +72,9 @@ TASK_TYPES = {
     "pick_two_obj_and_place": "pick_two_obj_and_place",
 }
 SHORT_TASK_TYPE = {v: k for k, v in TASK_TYPES.items()}
-DEFAULT_SIZES = {"train": 240, "eval": 60}
-SPLIT_SALT = {"train": 1, "eval": 2}   # separate seed ranges for the two splits
+DEFAULT_SIZES = {"train": 240, "eval": 60, "fresh": 240}
+# separate seed ranges per split; "fresh" holds train-like games the kept agent was never cloned on
+SPLIT_SALT = {"train": 1, "eval": 2, "fresh": 4}
 OPENABLE = set(alfred_constants.OPENABLE_CLASS_LIST)
 CAN_HOLD = {r: set(objs) for r, objs in alfred_constants.VAL_RECEPTACLE_OBJECTS.items()}
 ABILITIES = {"cleanable": "Cleanable", "heatable": "Heatable", "coolable": "Coolable"}
@@ -443,13 +444,14 @@ def generate_split(split: str, n_games: int, out_dir: Path, exclude: set[str] = 
 
 
 def ensure_split(split: str, n_games: int | None = None, train_games: int | None = None,
-                 workers: int | None = None, world: str = DEFAULT_WORLD) -> Path:
-    """Folder of the generated `split` ("train" or "eval") of `world` size, generating it on first use.
+                 workers: int | None = None, world: str = DEFAULT_WORLD, eval_games: int | None = None) -> Path:
+    """Folder of the generated `split` ("train", "eval" or "fresh") of `world` size, generating it on first use.
 
     The eval split is drawn from its own seed range and checked against the train split of
     `train_games` games (default size 240), so that no game (room, contents, goal) is in both.
-    Train slot i does not depend on the split size, so a smaller train split is a prefix of a
-    larger one.
+    The fresh split (games for RL rollouts that the warm start never cloned on) has a third seed
+    range and is checked against that train split and the eval split of `eval_games` games (default
+    60). Slot i does not depend on the split size, so a smaller split is a prefix of a larger one.
     """
     if split not in DEFAULT_SIZES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(DEFAULT_SIZES)}")
@@ -457,16 +459,21 @@ def ensure_split(split: str, n_games: int | None = None, train_games: int | None
         raise ValueError(f"unknown ALFWorld world size {world!r}; expected one of {sorted(WORLDS)}")
     n_games = n_games or DEFAULT_SIZES[split]
     train_games = train_games or DEFAULT_SIZES["train"]
+    eval_games = eval_games or DEFAULT_SIZES["eval"]
     name = split_dir_name(split, n_games, world)
     if split == "eval":
         name = name.replace(f"_v{GENERATOR_VERSION}", f"_vs{train_games}_v{GENERATOR_VERSION}")
+    if split == "fresh":
+        name = name.replace(f"_v{GENERATOR_VERSION}", f"_vs{train_games}_ve{eval_games}_v{GENERATOR_VERSION}")
     out_dir = cache_dir("alfworld") / name
     if (out_dir / "manifest.json").exists():
         return out_dir
     exclude: set[str] = set()
-    if split == "eval":
-        train_dir = ensure_split("train", train_games, workers=workers, world=world)
-        exclude = set(split_fingerprints(train_dir))
+    if split in ("eval", "fresh"):
+        exclude |= set(split_fingerprints(ensure_split("train", train_games, workers=workers, world=world)))
+    if split == "fresh":
+        exclude |= set(split_fingerprints(ensure_split("eval", eval_games, train_games=train_games,
+                                                       workers=workers, world=world)))
     generate_split(split, n_games, out_dir, exclude=exclude, workers=workers, world=world)
     return out_dir
 
@@ -497,7 +504,8 @@ def game_files(folder: Path) -> list[Path]:
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Generate the offline ALFWorld splits.")
-    parser.add_argument("--split", choices=["train", "eval", "both"], default="both")
+    parser.add_argument("--split", choices=["train", "eval", "fresh", "both"], default="both",
+                        help="both: train and eval (fresh: RL games the kept agent was not cloned on)")
     parser.add_argument("--games", type=int, default=None, help="games per split (default 240 / 60)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--world", choices=sorted(WORLDS), default=DEFAULT_WORLD, help="world size (default small)")

@@ -92,6 +92,21 @@ def test_splits_disjoint_and_cover_all_types(splits):
     assert len(worlds.game_files(train_dir)) == 6 and not list(train_dir.parent.glob(".*tmp-*"))
 
 
+def test_fresh_split_is_disjoint_from_train_and_eval(splits):
+    """The games RL may play instead of the cloned ones share no game with either split."""
+    train_dir, eval_dir = splits
+    fresh_dir = worlds.ensure_split("fresh", 6, train_games=6, eval_games=6)
+    assert fresh_dir.name == f"fresh_small_n6_vs6_ve6_v{worlds.GENERATOR_VERSION}"
+    fresh = set(worlds.split_fingerprints(fresh_dir))
+    assert len(fresh) == 6
+    assert not fresh & set(worlds.split_fingerprints(train_dir))
+    assert not fresh & set(worlds.split_fingerprints(eval_dir))
+    env = alfworld_env.AlfWorldEnv(split="fresh", n_games=6, train_games=6, think=False)
+    assert env.game_files == [str(p) for p in worlds.game_files(fresh_dir)]
+    with pytest.raises(ValueError, match="only among the generated games"):
+        alfworld_env.AlfWorldEnv(split="fresh", data_dir=train_dir)
+
+
 def test_generation_redraws_excluded_games(splits, tmp_path):
     train_dir, _ = splits
     first = json.loads((train_dir / "manifest.json").read_text())["games"][0]

@@ -165,6 +165,8 @@ def test_bad_values_are_rejected_with_a_clear_message():
                           (["--alfworld-task-types", "pick"], "--alfworld-task-types takes"),
                           (["--env", "search", "--alfworld-task-types", "pick_and_place"], "--alfworld-task-types takes"),
                           (["--eval-split", "test"], "--eval-split must be one of eval, train"),
+                          (["--train-split", "eval"], "--train-split must be one of train, fresh"),
+                          (["--env", "search", "--train-split", "fresh"], "--train-split fresh exists only for --env alfworld"),
                           (["--penalty-scope", "episode"], "--penalty-scope must be one of step, trajectory"),
                           (["--validity", "strict"], "--validity must be one of format, admissible"),
                           (["--lr-warmup-ratio", "1.5"], "--lr-warmup-ratio must be in"),
