@@ -22,10 +22,12 @@
 #   bash scripts/testbed_runs.sh long48         # GRPO and OPID (w = 0.01), seed 0, 48 iterations evaluated every 12
 #   bash scripts/testbed_runs.sh admissible     # GRPO and OPID (w = 0.01), seed 0, --validity admissible: the
 #                                               #   per-step penalty also on well-formed actions the room cannot carry out
+#   bash scripts/testbed_runs.sh fresh          # GRPO and OPID (w = 0.01), seed 0, lr 1e-4, 24 iterations evaluated every
+#                                               #   12, rollouts on --train-split fresh (games the agent was not cloned on)
 #
 # The sets normalised, t07, t07-long and before-after were run with the 240-episode kept agent; w-sweep
 # with both (its w = 0.1 and 1 runs with the current one: docs/experiments.md, "the w sweep with the
-# stronger agent"); lr, default, paired, updates, groups, t04, long48 and admissible with the current
+# stronger agent"); lr, default, paired, updates, groups, t04, long48, admissible and fresh with the current
 # 480-episode one.
 #
 # DRY_RUN=1 prints the train.py commands instead of running them.
@@ -68,7 +70,9 @@ t04-lr1e-4-w0.01-s0 --seed 0 --temperature 0.4 --iters 24 --eval-every 12 --lr 1
 long48-w0.01-s0 --seed 0 --iters 48 --eval-every 12 --w-episode 0.01 --w-step 0.01" ;;
   admissible) jobs="adm-grpo-s0 --algo grpo --seed 0 --validity admissible
 adm-w0.01-s0 --seed 0 --validity admissible --w-episode 0.01 --w-step 0.01" ;;
-  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups|t04|long48|admissible" >&2; exit 2 ;;
+  fresh) jobs="fresh-lr1e-4-grpo-s0 --algo grpo --seed 0 --train-split fresh --lr 1e-4 --iters 24 --eval-every 12
+fresh-lr1e-4-w0.01-s0 --seed 0 --train-split fresh --lr 1e-4 --iters 24 --eval-every 12 --w-episode 0.01 --w-step 0.01" ;;
+  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups|t04|long48|admissible|fresh" >&2; exit 2 ;;
 esac
 mkdir -p runs
 run_one() {
