@@ -385,9 +385,10 @@ def _make_game(job: tuple) -> dict:
     raise RuntimeError(f"no solvable game for {split} slot {index} ({task_type}) in 200 draws")
 
 
-def split_dir_name(split: str, n_games: int, world: str = "full") -> str:
-    """Cache folder name of a split; full-world names are those from before small worlds existed."""
-    return f"{split}{'' if world == 'full' else '_' + world}_n{n_games}_v{GENERATOR_VERSION}"
+def split_dir_name(split: str, n_games: int, world: str = "full", kept_apart_from: str = "") -> str:
+    """Cache folder name of a split; full-world names are those from before small worlds existed.
+    `kept_apart_from` names the splits it was checked against (e.g. "_vs240")."""
+    return f"{split}{'' if world == 'full' else '_' + world}_n{n_games}{kept_apart_from}_v{GENERATOR_VERSION}"
 
 
 def generate_split(split: str, n_games: int, out_dir: Path, exclude: set[str] = frozenset(),
@@ -460,12 +461,8 @@ def ensure_split(split: str, n_games: int | None = None, train_games: int | None
     n_games = n_games or DEFAULT_SIZES[split]
     train_games = train_games or DEFAULT_SIZES["train"]
     eval_games = eval_games or DEFAULT_SIZES["eval"]
-    name = split_dir_name(split, n_games, world)
-    if split == "eval":
-        name = name.replace(f"_v{GENERATOR_VERSION}", f"_vs{train_games}_v{GENERATOR_VERSION}")
-    if split == "fresh":
-        name = name.replace(f"_v{GENERATOR_VERSION}", f"_vs{train_games}_ve{eval_games}_v{GENERATOR_VERSION}")
-    out_dir = cache_dir("alfworld") / name
+    kept_apart_from = {"train": "", "eval": f"_vs{train_games}", "fresh": f"_vs{train_games}_ve{eval_games}"}[split]
+    out_dir = cache_dir("alfworld") / split_dir_name(split, n_games, world, kept_apart_from)
     if (out_dir / "manifest.json").exists():
         return out_dir
     exclude: set[str] = set()
