@@ -9,6 +9,8 @@ Recipe (deterministic; kept in the repository under agents/ when built with `--k
 cached under cache_dir("models", "tiny-<env>[-small]-v<N>")):
 1. Play the train split with a noisy expert (the expert's action, or with probability
    `noise` a random admissible one); every step's target is the EXPERT's action at that state.
+   Optionally (`habit_share`, an experiment: docs/experiments.md) the demonstrator also has a
+   habit, a wasted step it takes and is cloned on; hinted copies never carry it.
 2. Analyze each of these episodes with the same rule-based analyzer the trainer uses and, for a
    share of the steps, also emit a copy of the example whose prompt carries the routed skill in
    the exact OPID injection format (§5–§6). The target stays the expert's action: a workflow or a
@@ -55,6 +57,7 @@ RECIPE_DEFAULTS = dict(
     world="full",           # ALFWorld: the generated games' size (worlds.WORLDS)
     action_hint_share=0.0,  # share of steps also cloned with a step hint naming the expert's action
     label_smoothing=0.0,    # of the response loss: a less certain agent explores in its rollouts
+    habit_share=0.0,        # ALFWorld: share of steps the demonstrator wastes on `HABIT_ACTION` (and is cloned on)
 )
 RECIPES = {
     # small worlds; every train game twice (two noisy plays: held-out start 0.41 against 0.16 with one);
@@ -81,6 +84,9 @@ TINY_MAX_NEW_TOKENS = {"alfworld": 24, "webshop": 48, "search": 24}
 # bit-identically (one thread, fixed seeds) by `python warmstart.py alfworld --keep`.
 KEPT_AGENTS = Path(__file__).resolve().parent / "agents"
 MODEL_SIZE = dict(hidden_size=128, num_layers=2)
+# The demonstrator's habit (`habit_share`): a step spent checking what it carries. It changes nothing
+# in the world and costs one of the episode's steps; the expert never takes it.
+HABIT_ACTION = "inventory"
 
 
 def respond(env, action: str, spaced: bool = False) -> str:
@@ -110,12 +116,18 @@ def noisy_action(env, info: dict, rng: random.Random, noise: float) -> str:
 
 def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float, seed: int = 0,
                    spaced_targets: bool = False, world: str = "full",
-                   action_hint_share: float = 0.0) -> list[tuple[str, str]]:
+                   action_hint_share: float = 0.0, habit_share: float = 0.0) -> list[tuple[str, str]]:
     """(prompt text, response text) pairs from noisy-expert play, with hinted copies (see module doc).
 
     `action_hint_share`: for that share of the steps, one more copy whose step block is the hint that
     names the expert's action (`rule_analyzer.step_hint_for_action`, the §6 format), so that the
     agent learns to act on a hint, not only alongside one.
+
+    `habit_share`: at that share of the steps the demonstrator takes `HABIT_ACTION` instead, and the
+    plain copy is cloned on it, so the agent starts with a habit that wastes steps in every game,
+    the kind of game-independent behaviour RL removes and a skill in the prompt overrides. Every
+    hinted copy keeps the expert's action as its target: with a skill in its prompt the agent drops
+    the habit, which is what makes the skill-conditioned old policy a better teacher.
     """
     rng = random.Random(seed)
     kwargs = dict(world=world) if env_name == "alfworld" else {}
@@ -130,13 +142,16 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
         while not done:
             expert_actions.append(env.expert_action())
             prompt, target = env.prompt(), respond(env, expert_actions[-1], spaced_targets)
-            taken = respond(env, noisy_action(env, info, rng, noise), spaced_targets)
+            if habit_share and rng.random() < habit_share:   # a share of 0 draws nothing: old recipes rebuild as they were
+                taken = plain_target = respond(env, HABIT_ACTION, spaced_targets)
+            else:
+                taken, plain_target = respond(env, noisy_action(env, info, rng, noise), spaced_targets), target
             observation = info.get("anchor_obs", "")
             _, reward, done, info = env.step(taken)
             records.append((prompt, target))
+            examples.append((prompt, plain_target))
             steps.append((info.get("anchor_obs", observation), taken, info.get("action", ""), bool(info["action_valid"]),
                           float(reward)))
-        examples.extend(records)
         observations, responses, actions, valids, rewards = map(list, zip(*steps))
         view = skills.make_trajectory_view(env.name, env.task, info.get("task_type", ""), bool(info.get("won")),
                                            observations, responses, actions, valids, rewards)
@@ -208,7 +223,7 @@ def build_tiny_agent(env_name: str, folder: Path, recipe: dict) -> None:
     options = full_recipe(recipe)
     examples = demonstrations(env_name, recipe["episodes"], recipe["noise"], recipe["hint_share"],
                               spaced_targets=options["spaced_targets"], world=options["world"],
-                              action_hint_share=options["action_hint_share"])
+                              action_hint_share=options["action_hint_share"], habit_share=options["habit_share"])
     random.Random(0).shuffle(examples)
     examples = examples[:recipe["max_examples"]]
     print(f"[warmstart] {len(examples)} cloning examples from {recipe['episodes']} noisy-expert episodes "

@@ -314,7 +314,7 @@ def test_paired_differences_and_delta_table_by_hand(tmp_path, capsys):
     assert "| opid | s0: -0.017 | -0.017 (one seed) |" in one
 
 
-def test_failure_modes_counts_noops_repeats_and_the_step_limit_by_hand():
+def test_failure_modes_counts_noops_repeats_habits_and_the_step_limit_by_hand():
     """scripts/failure_modes.py: a no-op is a step whose answer (the next step's observation) is
     "Nothing happens."; an action outside the prompt's admissible list is counted apart."""
     import importlib.util
@@ -337,10 +337,13 @@ def test_failure_modes_counts_noops_repeats_and_the_step_limit_by_hand():
     lost = traj(False, [("go to cabinet 1", room, "start"),            # not admissible; answered by a no-op
                         ("go to cabinet 1", room, "Nothing happens."),  # repeat, not admissible, no-op
                         ("go to shelf 1", room, "Nothing happens.")])   # the last step: its answer is not seen
-    won = traj(True, [("go to shelf 1", room, "start"), ("take plate 1 from shelf 1", room, "On the shelf 1 ...")])
+    room_carried = room + ["inventory"]
+    won = traj(True, [("go to shelf 1", room_carried, "start"), ("inventory", room_carried, "On the shelf 1 ..."),
+                      ("take plate 1 from shelf 1", room_carried, "You are carrying nothing.")])
     stats = failure_modes.step_stats([lost, won], max_steps=3)
     assert stats["lost"] == {"episodes": 1, "mean_steps": 3.0, "at_step_limit": 1, "noop_share": 2 / 3,
-                             "not_admissible_share": 2 / 3, "repeat_share": 1 / 3, "noop_verbs": {"go": 2}}
-    assert stats["won"] == {"episodes": 1, "mean_steps": 2.0, "at_step_limit": 0, "noop_share": 0.0,
-                            "not_admissible_share": 0.0, "repeat_share": 0.0, "noop_verbs": {}}
+                             "not_admissible_share": 2 / 3, "repeat_share": 1 / 3, "habit_share": 0.0,
+                             "noop_verbs": {"go": 2}}
+    assert stats["won"] == {"episodes": 1, "mean_steps": 3.0, "at_step_limit": 1, "noop_share": 0.0,
+                            "not_admissible_share": 0.0, "repeat_share": 0.0, "habit_share": 1 / 3, "noop_verbs": {}}
     assert failure_modes.admissible_in("no list here") == []

@@ -125,6 +125,30 @@ def test_action_hint_copies_name_the_expert_action(small_cache):
         warmstart.demonstrations("alfworld", 2, 0.3, 0.5, seed=0, world="small", action_hint_share=0.0)
 
 
+def test_habit_steps_are_cloned_plain_and_never_hinted(small_cache):
+    """`habit_share`: the demonstrator wastes a share of its steps on HABIT_ACTION and the plain copy of
+    such a step is cloned on it; a hinted copy of any step keeps the expert's action, so with a skill
+    in its prompt the agent learns to drop the habit (what OPID's teacher relies on)."""
+    import skills
+    habit = f"<action>{warmstart.HABIT_ACTION}</action>"
+    examples = warmstart.demonstrations("alfworld", episodes=2, noise=0.3, hint_share=0.5, seed=0,
+                                        world="small", action_hint_share=0.5, habit_share=0.5)
+    hinted = [(p, r) for p, r in examples if skills.STEP_TITLE in p or skills.EPISODE_TITLE in p]
+    plain = [(p, r) for p, r in examples if (p, r) not in hinted]
+    habit_steps = [p for p, r in plain if r == habit]
+    assert hinted and 0.2 < len(habit_steps) / len(plain) < 0.8     # 8 of 30 steps here (seeds 1-3: about half)
+    assert all(r != habit for _, r in hinted)
+    # the step after a habit step shows it in the history: the habit was taken, not only cloned
+    prompts = [p for p, _ in plain]
+    for prompt in habit_steps:
+        following = prompts[prompts.index(prompt) + 1:prompts.index(prompt) + 2]
+        if following and "This is your first step" not in following[0]:     # not the episode's last step
+            assert f"| Action: {warmstart.HABIT_ACTION}\n" in following[0]
+    # without a habit no step is cloned on it (the expert never checks its inventory)
+    plain_expert = warmstart.demonstrations("alfworld", 2, 0.3, 0.5, seed=0, world="small", action_hint_share=0.5)
+    assert all(r != habit for _, r in plain_expert)
+
+
 def test_label_smoothing_of_the_response_loss_by_hand():
     import math
 
