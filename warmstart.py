@@ -27,6 +27,7 @@ This module also holds the tiny model itself (tokenizer, construction, cloning l
 `policy.py` is only the language-model interface every model shares.
 
     python warmstart.py alfworld --keep      # rebuild the kept ALFWorld agent (one thread, same bits)
+    python warmstart.py alfworld --habit-share 0.35 --out runs/agents/habit0.35   # the habit experiment's agent
 """
 from __future__ import annotations
 
@@ -390,9 +391,22 @@ if __name__ == "__main__":
     parser.add_argument("--world", choices=["small", "full"], default=None, help="ALFWorld world size (default small)")
     parser.add_argument("--keep", action="store_true",
                         help=f"write the build to {KEPT_AGENTS.name}/ (kept in the repository) instead of the cache")
+    parser.add_argument("--habit-share", type=float, default=None,
+                        help="an experiment: the recipe with this habit_share, built into --out (docs/experiments.md)")
+    parser.add_argument("--out", default=None, help="folder of a --habit-share build")
     args = parser.parse_args()
+    if (args.habit_share is None) != (args.out is None) or (args.out and args.keep):
+        parser.error("--habit-share and --out go together, and without --keep")
+    if args.habit_share is not None and args.env != "alfworld":
+        parser.error(f"--habit-share is an ALFWorld experiment ('{HABIT_ACTION}' is an ALFWorld command), not {args.env}")
+    if args.habit_share is not None and not 0 <= args.habit_share < 1:
+        parser.error(f"--habit-share must be in [0, 1), got {args.habit_share}")
     torch.set_num_threads(1)            # one thread: the same machine rebuilds the same bits
     torch.use_deterministic_algorithms(True)
-    target = (KEPT_AGENTS if args.keep else cache_dir("models")) / agent_name(args.env, args.world)
-    build_tiny_agent(args.env, target, recipe_for(args.env, args.world))
+    recipe = recipe_for(args.env, args.world)
+    if args.out:
+        target, recipe = Path(args.out), {**recipe, "habit_share": args.habit_share}
+    else:
+        target = (KEPT_AGENTS if args.keep else cache_dir("models")) / agent_name(args.env, args.world)
+    build_tiny_agent(args.env, target, recipe)
     print(json.loads((target / "warmstart.json").read_text())["weights_sha256"], target)

@@ -211,3 +211,18 @@ def test_a_build_is_bit_identical_when_repeated(small_cache, tmp_path):
         digests.append(json.loads((tmp_path / name / "warmstart.json").read_text())["weights_sha256"])
     assert digests[0] == digests[1]
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+
+
+def test_habit_share_builds_are_refused_with_a_clear_message(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = str(Path(warmstart.__file__))
+    cases = [(["webshop", "--habit-share", "0.3", "--out", str(tmp_path)], "ALFWorld experiment"),
+             (["alfworld", "--habit-share", "1.5", "--out", str(tmp_path)], "must be in [0, 1)"),
+             (["alfworld", "--habit-share", "0.3"], "go together"),
+             (["alfworld", "--out", str(tmp_path), "--keep"], "go together")]
+    for argv, message in cases:
+        done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, argv
+    assert not any(tmp_path.iterdir())      # nothing was built
