@@ -188,9 +188,15 @@ def full_recipe(recipe: dict) -> dict:
     return {**RECIPE_DEFAULTS, **recipe}
 
 
+# Optional keys added after the kept build: at their default they change no bit of a build (they draw
+# nothing from the random stream), so they stay out of the hash and the kept build stays current.
+HASH_SKIPS_AT_DEFAULT = ("habit_share",)
+
+
 def recipe_hash(recipe: dict) -> str:
     """sha256 of what a build depends on besides the code's data: the full recipe, model size, VERSION."""
-    text = json.dumps({"recipe": full_recipe(recipe), "model_size": MODEL_SIZE, "version": VERSION}, sort_keys=True)
+    full = {k: v for k, v in full_recipe(recipe).items() if not (k in HASH_SKIPS_AT_DEFAULT and v == RECIPE_DEFAULTS[k])}
+    text = json.dumps({"recipe": full, "model_size": MODEL_SIZE, "version": VERSION}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -25,8 +25,8 @@
 #   bash scripts/testbed_runs.sh fresh          # GRPO and OPID (w = 0.01), seed 0, lr 1e-4, 24 iterations evaluated every
 #                                               #   12, rollouts on --train-split fresh (games the agent was not cloned on)
 #   bash scripts/testbed_runs.sh habit          # the habit experiment: builds the agent cloned with habit_share 0.35
-#                                               #   (runs/agents/habit0.35, about 20 min), then GRPO and OPID (w = 0.1 and
-#                                               #   1) at lr 3e-5 and 1e-4, seed 0, and GRPO / OPID w = 0.1 at lr 1e-4, seeds 1-2
+#                                               #   (runs/agents/habit0.35, 20-40 min), then GRPO and OPID (w = 0.1 and
+#                                               #   1) at lr 3e-5 and 1e-4, seed 0; GRPO / OPID w = 0.1 at lr 1e-4, seeds 1-2, at 3e-5, seed 1
 #
 # The sets normalised, t07, t07-long and before-after were run with the 240-episode kept agent; w-sweep
 # with both (its w = 0.1 and 1 runs with the current one: docs/experiments.md, "the w sweep with the
@@ -82,7 +82,9 @@ fresh-lr1e-4-w0.01-s0 --seed 0 --train-split fresh --lr 1e-4 --iters 24 --eval-e
         echo "H0.35-grpo$tag-s0 $tiny --lr $lr --algo grpo --seed 0"
         for w in 0.1 1; do echo "H0.35-w$w$tag-s0 $tiny --lr $lr --w-episode $w --w-step $w --seed 0"; done; done
         for s in 1 2; do echo "H0.35-grpo-lr1e-4-s$s $tiny --lr 1e-4 --algo grpo --seed $s"
-        echo "H0.35-w0.1-lr1e-4-s$s $tiny --lr 1e-4 --w-episode 0.1 --w-step 0.1 --seed $s"; done) ;;
+          echo "H0.35-w0.1-lr1e-4-s$s $tiny --lr 1e-4 --w-episode 0.1 --w-step 0.1 --seed $s"; done
+        echo "H0.35-grpo-s1 $tiny --lr 3e-5 --algo grpo --seed 1"
+        echo "H0.35-w0.1-s1 $tiny --lr 3e-5 --w-episode 0.1 --w-step 0.1 --seed 1") ;;
   *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups|t04|long48|admissible|fresh|habit" >&2; exit 2 ;;
 esac
 mkdir -p runs

@@ -147,6 +147,9 @@ def test_habit_steps_are_cloned_plain_and_never_hinted(small_cache):
     # without a habit no step is cloned on it (the expert never checks its inventory)
     plain_expert = warmstart.demonstrations("alfworld", 2, 0.3, 0.5, seed=0, world="small", action_hint_share=0.5)
     assert all(r != habit for _, r in plain_expert)
+    # a share of 0 draws nothing more from the random stream: builds from before the option are unchanged
+    assert plain_expert == warmstart.demonstrations("alfworld", 2, 0.3, 0.5, seed=0, world="small",
+                                                    action_hint_share=0.5, habit_share=0.0)
 
 
 def test_label_smoothing_of_the_response_loss_by_hand():
@@ -195,6 +198,8 @@ def test_recipe_hash_changes_with_every_input(monkeypatch):
     assert warmstart.recipe_hash(dict(recipe)) == base
     assert warmstart.recipe_hash({**recipe, "epochs": recipe["epochs"] + 1}) != base
     assert warmstart.recipe_hash({**recipe, "label_smoothing": 0.3}) != base
+    assert warmstart.recipe_hash({**recipe, "habit_share": 0.3}) != base
+    assert warmstart.recipe_hash({**recipe, "habit_share": 0.0}) == base     # at its default: the same bits
     monkeypatch.setattr(warmstart, "MODEL_SIZE", {**warmstart.MODEL_SIZE, "num_layers": 3})
     assert warmstart.recipe_hash(recipe) != base
 
