@@ -65,8 +65,9 @@ def step_stats(trajs, max_steps: int) -> dict[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", help="a train.py run folder (its checkpoint/model); default: the kept tiny agent")
-    parser.add_argument("--model", help="a tiny agent folder (a warmstart.py build); default: the kept tiny agent")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--run", help="a train.py run folder (its checkpoint/model); default: the kept tiny agent")
+    which.add_argument("--model", help="a tiny agent folder (a warmstart.py build); default: the kept tiny agent")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of the evaluation")
     parser.add_argument("--temperature", type=float, default=0.4, help="sampling temperature")
     args = parser.parse_args()
