@@ -58,7 +58,8 @@ RECIPE_DEFAULTS = dict(
     world="full",           # ALFWorld: the generated games' size (worlds.WORLDS)
     action_hint_share=0.0,  # share of steps also cloned with a step hint naming the expert's action
     label_smoothing=0.0,    # of the response loss: a less certain agent explores in its rollouts
-    habit_share=0.0,        # ALFWorld: share of steps the demonstrator wastes on `HABIT_ACTION` (and is cloned on)
+    habit_share=0.0,        # ALFWorld: share of steps the demonstrator wastes on its habit (and is cloned on)
+    habit="inventory",      # which habit (HABITS): a wasted valid command, or the expert's action left unclosed
 )
 RECIPES = {
     # small worlds; every train game twice (two noisy plays: held-out start 0.41 against 0.16 with one);
@@ -88,6 +89,20 @@ MODEL_SIZE = dict(hidden_size=128, num_layers=2)
 # The demonstrator's habit (`habit_share`): a step spent checking what it carries. It changes nothing
 # in the world and costs one of the episode's steps; the expert never takes it.
 HABIT_ACTION = "inventory"
+# The habits a demonstrator can have. "inventory": it takes HABIT_ACTION instead of the expert's action
+# (valid, wasted). "unclosed": it writes the expert's action but stops before `</action>`, the format
+# slip of an instruct model new to the tags: invalid (the per-step penalty of §2 falls on it), the
+# engine answers "Nothing happens.", and the right action is one token away.
+HABITS = ("inventory", "unclosed")
+
+
+def habit_response(env, habit: str, expert: str, spaced: bool = False) -> str:
+    """The response a demonstrator with `habit` writes where the expert would write `expert`."""
+    if habit == "inventory":
+        return respond(env, HABIT_ACTION, spaced)
+    if habit == "unclosed":
+        return respond(env, expert, spaced).removesuffix("</action>")
+    raise ValueError(f"unknown habit {habit!r}: use one of {HABITS}")
 
 
 def respond(env, action: str, spaced: bool = False) -> str:
@@ -117,15 +132,16 @@ def noisy_action(env, info: dict, rng: random.Random, noise: float) -> str:
 
 def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float, seed: int = 0,
                    spaced_targets: bool = False, world: str = "full",
-                   action_hint_share: float = 0.0, habit_share: float = 0.0) -> list[tuple[str, str]]:
+                   action_hint_share: float = 0.0, habit_share: float = 0.0,
+                   habit: str = "inventory") -> list[tuple[str, str]]:
     """(prompt text, response text) pairs from noisy-expert play, with hinted copies (see module doc).
 
     `action_hint_share`: for that share of the steps, one more copy whose step block is the hint that
     names the expert's action (`rule_analyzer.step_hint_for_action`, the §6 format), so that the
     agent learns to act on a hint, not only alongside one.
 
-    `habit_share`: at that share of the steps the demonstrator takes `HABIT_ACTION` instead, and the
-    plain copy is cloned on it, so the agent starts with a habit that wastes steps in every game,
+    `habit_share`: at that share of the steps the demonstrator acts on its `habit` instead (HABITS:
+    `HABIT_ACTION`, or the expert's action without its closing tag), and the plain copy is cloned on it, so the agent starts with a habit that wastes steps in every game,
     the kind of game-independent behaviour RL removes and a skill in the prompt overrides. Every
     hinted copy keeps the expert's action as its target: with a skill in its prompt the agent drops
     the habit, which is what makes the skill-conditioned old policy a better teacher.
@@ -144,7 +160,7 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
             expert_actions.append(env.expert_action())
             prompt, target = env.prompt(), respond(env, expert_actions[-1], spaced_targets)
             if habit_share and rng.random() < habit_share:   # a share of 0 draws nothing: old recipes rebuild as they were
-                taken = plain_target = respond(env, HABIT_ACTION, spaced_targets)
+                taken = plain_target = habit_response(env, habit, expert_actions[-1], spaced_targets)
             else:
                 taken, plain_target = respond(env, noisy_action(env, info, rng, noise), spaced_targets), target
             observation = info.get("anchor_obs", "")
@@ -190,7 +206,7 @@ def full_recipe(recipe: dict) -> dict:
 
 # Optional keys added after the kept build: at their default they change no bit of a build (they draw
 # nothing from the random stream), so they stay out of the hash and the kept build stays current.
-HASH_SKIPS_AT_DEFAULT = ("habit_share",)
+HASH_SKIPS_AT_DEFAULT = ("habit_share", "habit")
 
 
 def recipe_hash(recipe: dict) -> str:
@@ -230,7 +246,8 @@ def build_tiny_agent(env_name: str, folder: Path, recipe: dict) -> None:
     options = full_recipe(recipe)
     examples = demonstrations(env_name, recipe["episodes"], recipe["noise"], recipe["hint_share"],
                               spaced_targets=options["spaced_targets"], world=options["world"],
-                              action_hint_share=options["action_hint_share"], habit_share=options["habit_share"])
+                              action_hint_share=options["action_hint_share"], habit_share=options["habit_share"],
+                              habit=options["habit"])
     random.Random(0).shuffle(examples)
     examples = examples[:recipe["max_examples"]]
     print(f"[warmstart] {len(examples)} cloning examples from {recipe['episodes']} noisy-expert episodes "
@@ -399,19 +416,23 @@ if __name__ == "__main__":
                         help=f"write the build to {KEPT_AGENTS.name}/ (kept in the repository) instead of the cache")
     parser.add_argument("--habit-share", type=float, default=None,
                         help="an experiment: the recipe with this habit_share, built into --out (docs/experiments.md)")
+    parser.add_argument("--habit", choices=HABITS, default="inventory",
+                        help="which habit a --habit-share build has (default inventory)")
     parser.add_argument("--out", default=None, help="folder of a --habit-share build")
     args = parser.parse_args()
     if (args.habit_share is None) != (args.out is None) or (args.out and args.keep):
         parser.error("--habit-share and --out go together, and without --keep")
     if args.habit_share is not None and args.env != "alfworld":
         parser.error(f"--habit-share is an ALFWorld experiment ('{HABIT_ACTION}' is an ALFWorld command), not {args.env}")
+    if args.habit != "inventory" and args.habit_share is None:
+        parser.error("--habit chooses the habit of a --habit-share build; give --habit-share and --out too")
     if args.habit_share is not None and not 0 <= args.habit_share < 1:
         parser.error(f"--habit-share must be in [0, 1), got {args.habit_share}")
     torch.set_num_threads(1)            # one thread: the same machine rebuilds the same bits
     torch.use_deterministic_algorithms(True)
     recipe = recipe_for(args.env, args.world)
     if args.out:
-        target, recipe = Path(args.out), {**recipe, "habit_share": args.habit_share}
+        target, recipe = Path(args.out), {**recipe, "habit_share": args.habit_share, "habit": args.habit}
     else:
         target = (KEPT_AGENTS if args.keep else cache_dir("models")) / agent_name(args.env, args.world)
     build_tiny_agent(args.env, target, recipe)

@@ -5,8 +5,9 @@ Plays the held-out games once each at the evaluation temperature (T = 0.4) with 
 steps, how many ran into the step limit, the share of steps the engine answered with "Nothing
 happens." (a no-op: the command named an object or place the room does not offer), the share of
 steps that were not in that step's admissible list, the share that repeated the previous action,
-the share spent on the cloning demonstrator's habit (`warmstart.HABIT_ACTION`, "inventory"), and
-the no-op commands by verb. docs/experiments.md reports what it printed.
+the share spent on the cloning demonstrator's habit (`warmstart.HABIT_ACTION`, "inventory"), the
+share of malformed responses (invalid by format: the "unclosed" habit's `<action>…` without its
+closing tag, among others), and the no-op commands by verb. docs/experiments.md reports what it printed.
 
     python scripts/failure_modes.py                        # the kept tiny agent, seed 0
     python scripts/failure_modes.py --run runs/NAME        # a trained run's checkpoint
@@ -42,7 +43,7 @@ def step_stats(trajs, max_steps: int) -> dict[str, dict]:
     out = {}
     for label, won in (("won", True), ("lost", False)):
         group = [t for t in trajs if t.won == won]
-        steps = noops = outside = repeats = habits = at_limit = 0
+        steps = noops = outside = repeats = habits = malformed = at_limit = 0
         verbs = collections.Counter()
         for t in group:
             at_limit += len(t.samples) >= max_steps
@@ -51,6 +52,7 @@ def step_stats(trajs, max_steps: int) -> dict[str, dict]:
                 outside += s.action not in admissible_in(s.prompt_text)
                 repeats += k > 0 and s.action == t.samples[k - 1].action
                 habits += s.action == warmstart.HABIT_ACTION
+                malformed += not s.valid
                 # the answer to step k is the observation step k + 1 was taken on
                 if k + 1 < len(t.samples) and t.samples[k + 1].observation.startswith(NOTHING_HAPPENS):
                     noops += 1
@@ -58,7 +60,7 @@ def step_stats(trajs, max_steps: int) -> dict[str, dict]:
         n = max(1, steps)
         out[label] = {"episodes": len(group), "mean_steps": steps / max(1, len(group)), "at_step_limit": at_limit,
                       "noop_share": noops / n, "not_admissible_share": outside / n, "repeat_share": repeats / n,
-                      "habit_share": habits / n,
+                      "habit_share": habits / n, "malformed_share": malformed / n,
                       "noop_verbs": dict(verbs.most_common())}
     return out
 
@@ -91,7 +93,7 @@ def main() -> None:
     for label, s in step_stats(trajs, cfg.max_steps).items():
         print(f"{label:5s} episodes {s['episodes']:3d}  mean steps {s['mean_steps']:5.1f}  at the step limit "
               f"{s['at_step_limit']:3d}  no-op steps {s['noop_share']:.3f}  not admissible {s['not_admissible_share']:.3f}"
-              f"  same as the previous action {s['repeat_share']:.3f}  habit {s['habit_share']:.3f}  no-ops by verb {s['noop_verbs']}")
+              f"  same as the previous action {s['repeat_share']:.3f}  habit {s['habit_share']:.3f}  malformed {s['malformed_share']:.3f}  no-ops by verb {s['noop_verbs']}")
 
 
 if __name__ == "__main__":

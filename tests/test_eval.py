@@ -325,25 +325,28 @@ def test_failure_modes_counts_noops_repeats_habits_and_the_step_limit_by_hand():
     spec.loader.exec_module(failure_modes)
 
     def traj(won, steps):  # steps: (action, admissible list shown, observation the action was taken on)
+        # a step with no action is a malformed response (invalid by format)
         t = rollout.Trajectory(uid=0, traj_uid=0, task_index=0, task="", task_type="", env_name="alfworld", won=won)
         for k, (action, admissible, obs) in enumerate(steps):
             t.samples.append(rollout.Sample(uid=0, traj_uid=0, step=k, prompt_text=f"x\nAdmissible actions: {admissible!r}\ny",
                                             prompt_ids=[], response_ids=[], old_logprobs=[], response_text="",
-                                            action=action, valid=True, invalid_reason="", observation=obs,
+                                            action=action, valid=bool(action), invalid_reason="", observation=obs,
                                             reward=0.0, privileged=""))
         return t
 
     room = ["go to shelf 1", "take plate 1 from shelf 1"]
     lost = traj(False, [("go to cabinet 1", room, "start"),            # not admissible; answered by a no-op
                         ("go to cabinet 1", room, "Nothing happens."),  # repeat, not admissible, no-op
+                        ("", room, "Nothing happens."),                # malformed: outside the list, a no-op next
                         ("go to shelf 1", room, "Nothing happens.")])   # the last step: its answer is not seen
     room_carried = room + ["inventory"]
     won = traj(True, [("go to shelf 1", room_carried, "start"), ("inventory", room_carried, "On the shelf 1 ..."),
                       ("take plate 1 from shelf 1", room_carried, "You are carrying nothing.")])
     stats = failure_modes.step_stats([lost, won], max_steps=3)
-    assert stats["lost"] == {"episodes": 1, "mean_steps": 3.0, "at_step_limit": 1, "noop_share": 2 / 3,
-                             "not_admissible_share": 2 / 3, "repeat_share": 1 / 3, "habit_share": 0.0,
-                             "noop_verbs": {"go": 2}}
+    assert stats["lost"] == {"episodes": 1, "mean_steps": 4.0, "at_step_limit": 1, "noop_share": 3 / 4,
+                             "not_admissible_share": 3 / 4, "repeat_share": 1 / 4, "habit_share": 0.0,
+                             "malformed_share": 1 / 4, "noop_verbs": {"go": 2, "(none)": 1}}
     assert stats["won"] == {"episodes": 1, "mean_steps": 3.0, "at_step_limit": 1, "noop_share": 0.0,
-                            "not_admissible_share": 0.0, "repeat_share": 0.0, "habit_share": 1 / 3, "noop_verbs": {}}
+                            "not_admissible_share": 0.0, "repeat_share": 0.0, "habit_share": 1 / 3,
+                            "malformed_share": 0.0, "noop_verbs": {}}
     assert failure_modes.admissible_in("no list here") == []

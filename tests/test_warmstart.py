@@ -152,6 +152,40 @@ def test_habit_steps_are_cloned_plain_and_never_hinted(small_cache):
                                                     action_hint_share=0.5, habit_share=0.0)
 
 
+def test_the_unclosed_habit_writes_the_experts_action_without_its_closing_tag(small_cache):
+    """habit="unclosed": a habit step's plain copy is the expert's own action with `</action>` left off
+    (invalid by format, so the engine answers "Nothing happens." and the state stays); hinted copies
+    keep the well-formed expert action."""
+    import re
+
+    import skills
+    from envs import parse_response
+    assert warmstart.habit_response(None, "unclosed", "open cabinet 1") == "<action>open cabinet 1"
+    assert warmstart.habit_response(None, "inventory", "open cabinet 1") == "<action>inventory</action>"
+    assert not parse_response(warmstart.habit_response(None, "unclosed", "open cabinet 1")).valid
+    with pytest.raises(ValueError, match="unknown habit"):
+        warmstart.habit_response(None, "shouting", "look")
+    examples = warmstart.demonstrations("alfworld", episodes=2, noise=0.3, hint_share=0.5, seed=0,
+                                        world="small", action_hint_share=0.5, habit_share=0.5, habit="unclosed")
+    hinted = [(p, r) for p, r in examples if skills.STEP_TITLE in p or skills.EPISODE_TITLE in p]
+    plain = [(p, r) for p, r in examples if (p, r) not in hinted]
+    unclosed = [(p, r) for p, r in plain if not r.endswith("</action>")]
+    assert hinted and 0.2 < len(unclosed) / len(plain) < 0.8
+    assert all(re.fullmatch(r"<action>[a-z0-9 ]+</action>", r) for _, r in hinted)
+    assert all(re.fullmatch(r"<action>[a-z0-9 ]+", r) for _, r in unclosed)
+    # the unclosed step was taken: the next prompt of the episode shows the engine's "Nothing happens."
+    prompts = [p for p, _ in plain]
+    followed = [prompts[prompts.index(p) + 1] for p, _ in unclosed
+                if prompts.index(p) + 1 < len(prompts) and "This is your first step" not in prompts[prompts.index(p) + 1]]
+    assert followed and all("Nothing happens." in f for f in followed)
+    # neither habit moves the world, so the same random stream puts the habit on the same steps
+    inventory = warmstart.demonstrations("alfworld", episodes=2, noise=0.3, hint_share=0.5, seed=0,
+                                         world="small", action_hint_share=0.5, habit_share=0.5)
+    inventory_plain = [r for p, r in inventory if skills.STEP_TITLE not in p and skills.EPISODE_TITLE not in p]
+    assert [i for i, (_, r) in enumerate(plain) if not r.endswith("</action>")] == \
+        [i for i, r in enumerate(inventory_plain) if r == f"<action>{warmstart.HABIT_ACTION}</action>"]
+
+
 def test_label_smoothing_of_the_response_loss_by_hand():
     import math
 
@@ -200,6 +234,9 @@ def test_recipe_hash_changes_with_every_input(monkeypatch):
     assert warmstart.recipe_hash({**recipe, "label_smoothing": 0.3}) != base
     assert warmstart.recipe_hash({**recipe, "habit_share": 0.3}) != base
     assert warmstart.recipe_hash({**recipe, "habit_share": 0.0}) == base     # at its default: the same bits
+    assert warmstart.recipe_hash({**recipe, "habit_share": 0.3, "habit": "unclosed"}) != \
+        warmstart.recipe_hash({**recipe, "habit_share": 0.3})
+    assert warmstart.recipe_hash({**recipe, "habit": "inventory"}) == base
     monkeypatch.setattr(warmstart, "MODEL_SIZE", {**warmstart.MODEL_SIZE, "num_layers": 3})
     assert warmstart.recipe_hash(recipe) != base
 
@@ -226,7 +263,9 @@ def test_habit_share_builds_are_refused_with_a_clear_message(tmp_path):
     cases = [(["webshop", "--habit-share", "0.3", "--out", str(tmp_path)], "ALFWorld experiment"),
              (["alfworld", "--habit-share", "1.5", "--out", str(tmp_path)], "must be in [0, 1)"),
              (["alfworld", "--habit-share", "0.3"], "go together"),
-             (["alfworld", "--out", str(tmp_path), "--keep"], "go together")]
+             (["alfworld", "--out", str(tmp_path), "--keep"], "go together"),
+             (["alfworld", "--habit", "unclosed"], "give --habit-share and --out"),
+             (["alfworld", "--habit-share", "0.3", "--habit", "loud", "--out", str(tmp_path)], "invalid choice")]
     for argv, message in cases:
         done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
         assert done.returncode == 2 and message in done.stderr, argv
