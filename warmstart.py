@@ -9,8 +9,8 @@ Recipe (deterministic; kept in the repository under agents/ when built with `--k
 cached under cache_dir("models", "tiny-<env>[-small]-v<N>")):
 1. Play the train split with a noisy expert (the expert's action, or with probability
    `noise` a random admissible one); every step's target is the EXPERT's action at that state.
-   Optionally (`habit_share`, an experiment: docs/experiments.md) the demonstrator also has a
-   habit, a wasted step it takes and is cloned on; hinted copies never carry it.
+   Optionally (`habit_share`, `habit`; experiments: docs/experiments.md) the demonstrator also has a
+   habit, a wasted or malformed step it takes and is cloned on; hinted copies never carry it.
 2. Analyze each of these episodes with the same rule-based analyzer the trainer uses and, for a
    share of the steps, also emit a copy of the example whose prompt carries the routed skill in
    the exact OPID injection format (§5–§6). The target stays the expert's action: a workflow or a
@@ -28,6 +28,7 @@ This module also holds the tiny model itself (tokenizer, construction, cloning l
 
     python warmstart.py alfworld --keep      # rebuild the kept ALFWorld agent (one thread, same bits)
     python warmstart.py alfworld --habit-share 0.35 --out runs/agents/habit0.35   # the habit experiment's agent
+    python warmstart.py alfworld --habit-share 0.35 --habit unclosed --out runs/agents/unclosed0.35   # the format slip's
 """
 from __future__ import annotations
 
