@@ -28,7 +28,7 @@
 #                                               #   (runs/agents/habit0.35, 20-40 min), then GRPO and OPID (w = 0.1 and
 #                                               #   1) at lr 3e-5 and 1e-4, seed 0; GRPO / OPID w = 0.1 at lr 1e-4, seeds 1-2, at 3e-5, seed 1
 #   bash scripts/testbed_runs.sh unclosed       # the format-habit experiment: builds the agent whose demonstrator leaves
-#                                               #   `</action>` off at a share $SHARE of its steps (default 0.25;
+#                                               #   `</action>` off at a share $SHARE of its steps (default 0.35;
 #                                               #   runs/agents/unclosed$SHARE, 20-40 min), then GRPO and OPID (w = 0.001,
 #                                               #   the default), seeds 0-4, and OPID w = 0.1, seed 0, default lr
 #
@@ -89,7 +89,7 @@ fresh-lr1e-4-w0.01-s0 --seed 0 --train-split fresh --lr 1e-4 --iters 24 --eval-e
           echo "H0.35-w0.1-lr1e-4-s$s $tiny --lr 1e-4 --w-episode 0.1 --w-step 0.1 --seed $s"; done
         echo "H0.35-grpo-s1 $tiny --lr 3e-5 --algo grpo --seed 1"
         echo "H0.35-w0.1-s1 $tiny --lr 3e-5 --w-episode 0.1 --w-step 0.1 --seed 1") ;;
-  unclosed) share=${SHARE:-0.25}; agent=runs/agents/unclosed$share
+  unclosed) share=${SHARE:-0.35}; agent=runs/agents/unclosed$share
       [ -n "${DRY_RUN:-}" ] || [ -f $agent/warmstart.json ] || python warmstart.py alfworld --habit-share $share --habit unclosed --out $agent
       # --lr: a --model folder would otherwise get full fine-tuning's 1e-6
       tiny="--model $agent --no-think --history-length 2 --max-new-tokens 24 --lr 3e-5"
