@@ -30,7 +30,7 @@
 #   bash scripts/testbed_runs.sh unclosed       # the format-habit experiment: builds the agent whose demonstrator leaves
 #                                               #   `</action>` off at a share $SHARE of its steps (default 0.35;
 #                                               #   runs/agents/unclosed$SHARE, 20-40 min), then GRPO and OPID (w = 0.001,
-#                                               #   the default), seeds 0-4, and OPID w = 0.1, seed 0, default lr
+#                                               #   the default), seeds 0-4, and OPID w = 0.1, seeds 0-2, default lr
 #
 # The sets normalised, t07, t07-long and before-after were run with the 240-episode kept agent; w-sweep
 # with both (its w = 0.1 and 1 runs with the current one: docs/experiments.md, "the w sweep with the
@@ -93,9 +93,9 @@ fresh-lr1e-4-w0.01-s0 --seed 0 --train-split fresh --lr 1e-4 --iters 24 --eval-e
       [ -n "${DRY_RUN:-}" ] || [ -f $agent/warmstart.json ] || python warmstart.py alfworld --habit-share $share --habit unclosed --out $agent
       # --lr: a --model folder would otherwise get full fine-tuning's 1e-6
       tiny="--model $agent --no-think --history-length 2 --max-new-tokens 24 --lr 3e-5"
-      jobs=$(echo "U$share-w0.1-s0 $tiny --w-episode 0.1 --w-step 0.1 --seed 0"
-        for s in 0 1 2 3 4; do echo "U$share-grpo-s$s $tiny --algo grpo --seed $s"
-        echo "U$share-opid-s$s $tiny --seed $s"; done) ;;
+      jobs=$(for s in 0 1 2 3 4; do echo "U$share-grpo-s$s $tiny --algo grpo --seed $s"
+        echo "U$share-opid-s$s $tiny --seed $s"; done
+        for s in 0 1 2; do echo "U$share-w0.1-s$s $tiny --w-episode 0.1 --w-step 0.1 --seed $s"; done) ;;
   *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups|t04|long48|admissible|fresh|habit|unclosed" >&2; exit 2 ;;
 esac
 mkdir -p runs
