@@ -87,13 +87,12 @@ TINY_MAX_NEW_TOKENS = {"alfworld": 24, "webshop": 48, "search": 24}
 # bit-identically (one thread, fixed seeds) by `python warmstart.py alfworld --keep`.
 KEPT_AGENTS = Path(__file__).resolve().parent / "agents"
 MODEL_SIZE = dict(hidden_size=128, num_layers=2)
-# The demonstrator's habit (`habit_share`): a step spent checking what it carries. It changes nothing
-# in the world and costs one of the episode's steps; the expert never takes it.
+# The habits a cloning demonstrator can have (`habit_share`, `habit`); the expert has neither.
+# "inventory": it takes HABIT_ACTION, checking what it carries: valid, changes nothing, costs a step.
+# "unclosed": it writes the expert's action but stops before `</action>`, the format slip of an
+# instruct model new to the tags: invalid (the per-step penalty of §2 falls on it), the engine answers
+# "Nothing happens.", and the right action is one token away.
 HABIT_ACTION = "inventory"
-# The habits a demonstrator can have. "inventory": it takes HABIT_ACTION instead of the expert's action
-# (valid, wasted). "unclosed": it writes the expert's action but stops before `</action>`, the format
-# slip of an instruct model new to the tags: invalid (the per-step penalty of §2 falls on it), the
-# engine answers "Nothing happens.", and the right action is one token away.
 HABITS = ("inventory", "unclosed")
 
 
@@ -142,8 +141,9 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
     agent learns to act on a hint, not only alongside one.
 
     `habit_share`: at that share of the steps the demonstrator acts on its `habit` instead (HABITS:
-    `HABIT_ACTION`, or the expert's action without its closing tag), and the plain copy is cloned on it, so the agent starts with a habit that wastes steps in every game,
-    the kind of game-independent behaviour RL removes and a skill in the prompt overrides. Every
+    `HABIT_ACTION`, or the expert's action without its closing tag), and the plain copy is cloned on
+    it, so the agent starts with a habit that wastes steps in every game, the kind of
+    game-independent behaviour RL removes and a skill in the prompt overrides. Every
     hinted copy keeps the expert's action as its target: with a skill in its prompt the agent drops
     the habit, which is what makes the skill-conditioned old policy a better teacher.
     """
