@@ -10,7 +10,7 @@ cached under cache_dir("models", "tiny-<env>[-small]-v<N>")):
 1. Play the train split with a noisy expert (the expert's action, or with probability
    `noise` a random admissible one); every step's target is the EXPERT's action at that state.
    Optionally (`habit_share`, `habit`; experiments: docs/experiments.md) the demonstrator also has a
-   habit, a wasted or malformed step it takes and is cloned on; hinted copies never carry it.
+   habit, a wasted or malformed step, or a loop, that it takes and is cloned on; hinted copies never carry it.
 2. Analyze each of these episodes with the same rule-based analyzer the trainer uses and, for a
    share of the steps, also emit a copy of the example whose prompt carries the routed skill in
    the exact OPID injection format (§5–§6). The target stays the expert's action: a workflow or a
@@ -29,6 +29,7 @@ This module also holds the tiny model itself (tokenizer, construction, cloning l
     python warmstart.py alfworld --keep      # rebuild the kept ALFWorld agent (one thread, same bits)
     python warmstart.py alfworld --habit-share 0.35 --out runs/agents/habit0.35   # the habit experiment's agent
     python warmstart.py alfworld --habit-share 0.35 --habit unclosed --out runs/agents/unclosed0.35   # the format slip's
+    python warmstart.py alfworld --habit-share 0.5 --habit stall --out runs/agents/stall0.5   # the loop's
 """
 from __future__ import annotations
 
@@ -92,13 +93,17 @@ MODEL_SIZE = dict(hidden_size=128, num_layers=2)
 # "unclosed": it writes the expert's action but stops before `</action>`, the format slip of an
 # instruct model new to the tags: invalid (the per-step penalty of §2 falls on it), the engine answers
 # "Nothing happens.", and the right action is one token away.
+# "stall": drawn only where the expert would take something; it checks its inventory instead and
+# keeps checking, a loop that loses the episode, so its removal turns losses into wins directly.
+# Its demonstrations end after STALL_REPEATS repeats (the rest would be the same step again).
 HABIT_ACTION = "inventory"
-HABITS = ("inventory", "unclosed")
+HABITS = ("inventory", "unclosed", "stall")
+STALL_REPEATS = 2
 
 
 def habit_response(env, habit: str, expert: str, spaced: bool = False) -> str:
     """The response a demonstrator with `habit` writes where the expert would write `expert`."""
-    if habit == "inventory":
+    if habit in ("inventory", "stall"):
         return respond(env, HABIT_ACTION, spaced)
     if habit == "unclosed":
         return respond(env, expert, spaced).removesuffix("</action>")
@@ -141,8 +146,9 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
     agent learns to act on a hint, not only alongside one.
 
     `habit_share`: at that share of the steps the demonstrator acts on its `habit` instead (HABITS:
-    `HABIT_ACTION`, or the expert's action without its closing tag), and the plain copy is cloned on
-    it, so the agent starts with a habit that wastes steps in every game, the kind of
+    `HABIT_ACTION`, or the expert's action without its closing tag; "stall": at that share of the
+    steps where the expert takes something, and then on every step until the demonstration ends), and
+    the plain copy is cloned on it, so the agent starts with a habit that wastes steps in every game, the kind of
     game-independent behaviour RL removes and a skill in the prompt overrides. Every
     hinted copy keeps the expert's action as its target: with a skill in its prompt the agent drops
     the habit, which is what makes the skill-conditioned old policy a better teacher.
@@ -156,11 +162,15 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
     examples = []
     for episode in tqdm(range(episodes), desc=f"{env_name} demonstrations", leave=False, disable=None):
         _, info = env.reset(episode % env.num_tasks())
-        steps, records, expert_actions, done = [], [], [], False
-        while not done:
+        steps, records, expert_actions, done, stalled = [], [], [], False, 0
+        while not done and stalled <= STALL_REPEATS:
             expert_actions.append(env.expert_action())
             prompt, target = env.prompt(), respond(env, expert_actions[-1], spaced_targets)
-            if habit_share and rng.random() < habit_share:   # a share of 0 draws nothing: old recipes rebuild as they were
+            if habit == "stall":   # drawn only at a take; once stalled, stalled for good
+                stalled += bool(stalled or (habit_share and expert_actions[-1].startswith("take ")
+                                            and rng.random() < habit_share))
+            if stalled or (habit != "stall" and habit_share and rng.random() < habit_share):
+                # a share of 0 draws nothing: old recipes rebuild as they were
                 taken = plain_target = habit_response(env, habit, expert_actions[-1], spaced_targets)
             else:
                 taken, plain_target = respond(env, noisy_action(env, info, rng, noise), spaced_targets), target

@@ -31,6 +31,11 @@
 #                                               #   `</action>` off at a share $SHARE of its steps (default 0.35;
 #                                               #   runs/agents/unclosed$SHARE, 20-40 min), then GRPO and OPID (w = 0.001,
 #                                               #   the default), seeds 0-4, and OPID w = 0.1, seeds 0-2, default lr
+#   bash scripts/testbed_runs.sh stall          # the loop experiment: builds the agent that, at a share $SHARE (default
+#                                               #   0.5) of the steps where the expert takes something, checks its
+#                                               #   inventory from then on (runs/agents/stall$SHARE), then GRPO and OPID
+#                                               #   w = 0.1, seeds 0-2, OPID w = 0.001, seed 0 (default lr); seed 0 for
+#                                               #   24 iterations evaluated every 6, and at lr 1e-4
 #
 # The sets normalised, t07, t07-long and before-after were run with the 240-episode kept agent; w-sweep
 # with both (its w = 0.1 and 1 runs with the current one: docs/experiments.md, "the w sweep with the
@@ -96,7 +101,18 @@ fresh-lr1e-4-w0.01-s0 --seed 0 --train-split fresh --lr 1e-4 --iters 24 --eval-e
       jobs=$(for s in 0 1 2 3 4; do echo "U$share-grpo-s$s $tiny --algo grpo --seed $s"
         echo "U$share-opid-s$s $tiny --seed $s"; done
         for s in 0 1 2; do echo "U$share-w0.1-s$s $tiny --w-episode 0.1 --w-step 0.1 --seed $s"; done) ;;
-  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups|t04|long48|admissible|fresh|habit|unclosed" >&2; exit 2 ;;
+  stall) share=${SHARE:-0.5}; agent=runs/agents/stall$share
+      [ -n "${DRY_RUN:-}" ] || [ -f $agent/warmstart.json ] || python warmstart.py alfworld --habit-share $share --habit stall --out $agent
+      tiny="--model $agent --no-think --history-length 2 --max-new-tokens 24 --lr 3e-5"
+      w01="--w-episode 0.1 --w-step 0.1"
+      jobs=$(echo "S$share-grpo-s0 $tiny --algo grpo --seed 0"; echo "S$share-opid-s0 $tiny --seed 0"
+        for s in 0 1 2; do [ $s = 0 ] || echo "S$share-grpo-s$s $tiny --algo grpo --seed $s"
+          echo "S$share-w0.1-s$s $tiny $w01 --seed $s"; done
+        echo "S${share}long-grpo-s0 $tiny --algo grpo --seed 0 --iters 24 --eval-every 6"
+        echo "S${share}long-w0.1-s0 $tiny $w01 --seed 0 --iters 24 --eval-every 6"
+        echo "S$share-lr1e-4-grpo-s0 ${tiny/3e-5/1e-4} --algo grpo --seed 0"
+        echo "S$share-lr1e-4-w0.1-s0 ${tiny/3e-5/1e-4} $w01 --seed 0") ;;
+  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups|t04|long48|admissible|fresh|habit|unclosed|stall" >&2; exit 2 ;;
 esac
 mkdir -p runs
 run_one() {

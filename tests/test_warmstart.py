@@ -186,6 +186,46 @@ def test_the_unclosed_habit_writes_the_experts_action_without_its_closing_tag(sm
         [i for i, r in enumerate(inventory_plain) if r == f"<action>{warmstart.HABIT_ACTION}</action>"]
 
 
+def test_the_stall_habit_starts_at_a_take_and_loops_until_the_demonstration_ends(small_cache):
+    """habit="stall": drawn only where the expert takes something; the demonstrator then checks its
+    inventory on every step, and its demonstration ends after STALL_REPEATS repeats. Hinted copies of
+    the stalled steps keep the expert's action (with a skill in its prompt the agent leaves the loop)."""
+    import skills
+    habit = f"<action>{warmstart.HABIT_ACTION}</action>"
+    assert warmstart.habit_response(None, "stall", "take apple 1 from fridge 1") == habit
+    examples = warmstart.demonstrations("alfworld", episodes=6, noise=0.3, hint_share=0.5, seed=0,
+                                        world="small", action_hint_share=0.5, habit_share=0.9, habit="stall")
+    hinted = [(p, r) for p, r in examples if skills.STEP_TITLE in p or skills.EPISODE_TITLE in p]
+    plain = [(p, r) for p, r in examples if (p, r) not in hinted]
+    assert hinted and all(r != habit for _, r in hinted)
+    # split the plain examples into episodes (each starts at its first step)
+    episodes = []
+    for prompt, response in plain:
+        if "This is your first step" in prompt:
+            episodes.append([])
+        episodes[-1].append((prompt, response))
+    assert len(episodes) == 6
+    stalled = [e for e in episodes if any(r == habit for _, r in e)]
+    assert len(stalled) >= 3         # 0.9 at every take: most episodes stall
+    for episode in stalled:
+        first = next(i for i, (_, r) in enumerate(episode) if r == habit)
+        # the loop is the episode's end: the trigger and exactly STALL_REPEATS repeats, nothing after
+        assert [r for _, r in episode[first:]] == [habit] * (1 + warmstart.STALL_REPEATS)
+        # the trigger comes where a take is possible, and the repeats show the habit in their history
+        assert "'take " in episode[first][0]
+        assert all(f"| Action: {warmstart.HABIT_ACTION}\n" in p for p, _ in episode[first + 1:])
+    # hinted copies of stalled states exist and name another action, the one that leaves the loop
+    def state(prompt):
+        return prompt[prompt.index("Now you are at step"):prompt.index("Now it's your turn")]
+    stalled_states = {state(p) for e in stalled for p, r in e if r == habit}
+    copies = [r for p, r in hinted if "Now you are at step" in p and state(p) in stalled_states]
+    assert copies and habit not in copies
+    # a share of 0 draws nothing: the agent without a habit
+    assert warmstart.demonstrations("alfworld", 2, 0.3, 0.5, seed=0, world="small", action_hint_share=0.5) == \
+        warmstart.demonstrations("alfworld", 2, 0.3, 0.5, seed=0, world="small", action_hint_share=0.5,
+                                 habit_share=0.0, habit="stall")
+
+
 def test_label_smoothing_of_the_response_loss_by_hand():
     import math
 
