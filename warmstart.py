@@ -153,6 +153,8 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
     hinted copy keeps the expert's action as its target: with a skill in its prompt the agent drops
     the habit, which is what makes the skill-conditioned old policy a better teacher.
     """
+    if habit not in HABITS:   # refused even at a share of 0, where it would never be used
+        raise ValueError(f"unknown habit {habit!r}: use one of {HABITS}")
     rng = random.Random(seed)
     kwargs = dict(world=world) if env_name == "alfworld" else {}
     env = make_env(env_name, split="train", think=False, history_length=TINY_HISTORY[env_name], **kwargs)

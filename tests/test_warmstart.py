@@ -165,6 +165,8 @@ def test_the_unclosed_habit_writes_the_experts_action_without_its_closing_tag(sm
     assert not parse_response(warmstart.habit_response(None, "unclosed", "open cabinet 1")).valid
     with pytest.raises(ValueError, match="unknown habit"):
         warmstart.habit_response(None, "shouting", "look")
+    with pytest.raises(ValueError, match="unknown habit"):    # before any game is played, at any share
+        warmstart.demonstrations("alfworld", 2, 0.3, 0.5, world="small", habit_share=0.0, habit="shouting")
     examples = warmstart.demonstrations("alfworld", episodes=2, noise=0.3, hint_share=0.5, seed=0,
                                         world="small", action_hint_share=0.5, habit_share=0.5, habit="unclosed")
     hinted = [(p, r) for p, r in examples if skills.STEP_TITLE in p or skills.EPISODE_TITLE in p]
