@@ -34,8 +34,9 @@
 #   bash scripts/testbed_runs.sh stall          # the loop experiment: builds the agent that, at a share $SHARE (default
 #                                               #   0.5) of the steps where the expert takes something, checks its
 #                                               #   inventory from then on (runs/agents/stall$SHARE), then GRPO and OPID
-#                                               #   w = 0.1, seeds 0-2, OPID w = 0.001, seed 0 (default lr); seed 0 for
-#                                               #   24 iterations evaluated every 6, and at lr 1e-4
+#                                               #   w = 0.1, seeds 0-2, OPID w = 0.001, seed 0 (default lr); GRPO at
+#                                               #   lr 1e-4, seed 0; GRPO and OPID w = 0.1 for 24 iterations evaluated
+#                                               #   every 6, seeds 0-1
 #
 # The sets normalised, t07, t07-long and before-after were run with the 240-episode kept agent; w-sweep
 # with both (its w = 0.1 and 1 runs with the current one: docs/experiments.md, "the w sweep with the
@@ -111,7 +112,8 @@ fresh-lr1e-4-w0.01-s0 --seed 0 --train-split fresh --lr 1e-4 --iters 24 --eval-e
         echo "S${share}long-grpo-s0 $tiny --algo grpo --seed 0 --iters 24 --eval-every 6"
         echo "S${share}long-w0.1-s0 $tiny $w01 --seed 0 --iters 24 --eval-every 6"
         echo "S$share-lr1e-4-grpo-s0 ${tiny/3e-5/1e-4} --algo grpo --seed 0"
-        echo "S$share-lr1e-4-w0.1-s0 ${tiny/3e-5/1e-4} $w01 --seed 0") ;;
+        echo "S${share}long-grpo-s1 $tiny --algo grpo --seed 1 --iters 24 --eval-every 6"
+        echo "S${share}long-w0.1-s1 $tiny $w01 --seed 1 --iters 24 --eval-every 6") ;;
   *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups|t04|long48|admissible|fresh|habit|unclosed|stall" >&2; exit 2 ;;
 esac
 mkdir -p runs
