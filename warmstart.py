@@ -10,7 +10,8 @@ cached under cache_dir("models", "tiny-<env>[-small]-v<N>")):
 1. Play the train split with a noisy expert (the expert's action, or with probability
    `noise` a random admissible one); every step's target is the EXPERT's action at that state.
    Optionally (`habit_share`, `habit`; experiments: docs/experiments.md) the demonstrator also has a
-   habit, a wasted or malformed step, or a loop, that it takes and is cloned on; hinted copies never carry it.
+   habit (a wasted or malformed step, or a loop) that it takes and is cloned on; hinted copies never
+   carry it.
 2. Analyze each of these episodes with the same rule-based analyzer the trainer uses and, for a
    share of the steps, also emit a copy of the example whose prompt carries the routed skill in
    the exact OPID injection format (§5–§6). The target stays the expert's action: a workflow or a
@@ -94,7 +95,7 @@ MODEL_SIZE = dict(hidden_size=128, num_layers=2)
 # instruct model new to the tags: invalid (the per-step penalty of §2 falls on it), the engine answers
 # "Nothing happens.", and the right action is one token away.
 # "stall": drawn only where the expert would take something; it checks its inventory instead and
-# keeps checking, a loop that loses the episode, so its removal turns losses into wins directly.
+# keeps checking, a loop that loses the episode, so that removing it can turn a loss into a win.
 # Its demonstrations end after STALL_REPEATS repeats (the rest would be the same step again).
 HABIT_ACTION = "inventory"
 HABITS = ("inventory", "unclosed", "stall")
@@ -147,9 +148,9 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
 
     `habit_share`: at that share of the steps the demonstrator acts on its `habit` instead (HABITS:
     `HABIT_ACTION`, or the expert's action without its closing tag; "stall": at that share of the
-    steps where the expert takes something, and then on every step until the demonstration ends), and
-    the plain copy is cloned on it, so the agent starts with a habit that wastes steps in every game, the kind of
-    game-independent behaviour RL removes and a skill in the prompt overrides. Every
+    steps where the expert takes something, and then on every step until the demonstration ends),
+    and the plain copy is cloned on it, so the agent starts with a habit that wastes steps in every
+    game, the kind of game-independent behaviour RL removes and a skill in the prompt overrides. Every
     hinted copy keeps the expert's action as its target: with a skill in its prompt the agent drops
     the habit, which is what makes the skill-conditioned old policy a better teacher.
     """
