@@ -31,6 +31,7 @@ This module also holds the tiny model itself (tokenizer, construction, cloning l
     python warmstart.py alfworld --habit-share 0.35 --out runs/agents/habit0.35   # the habit experiment's agent
     python warmstart.py alfworld --habit-share 0.35 --habit unclosed --out runs/agents/unclosed0.35   # the format slip's
     python warmstart.py alfworld --habit-share 0.5 --habit stall --out runs/agents/stall0.5   # the loop's
+    python warmstart.py alfworld --habit-share 0.5 --habit stall_resume --out runs/agents/resume0.5   # ... then play on
 """
 from __future__ import annotations
 
@@ -97,14 +98,36 @@ MODEL_SIZE = dict(hidden_size=128, num_layers=2)
 # "stall": drawn only where the expert would take something; it checks its inventory instead and
 # keeps checking, a loop that loses the episode, so that removing it can turn a loss into a win.
 # Its demonstrations end after STALL_REPEATS repeats (the rest would be the same step again).
+# "stall_resume": the same loop, but the demonstration then goes on with the expert's play, so the
+# agent plays after a take as well as the kept agent does; the steps whose history window still
+# shows the loop are not cloned plain (they would teach leaving it). Removing the loop then turns a
+# lost game into one the agent would have played without the habit.
 HABIT_ACTION = "inventory"
-HABITS = ("inventory", "unclosed", "stall")
+HABITS = ("inventory", "unclosed", "stall", "stall_resume")
+STALLS = ("stall", "stall_resume")
 STALL_REPEATS = 2
+
+
+def habit_step(habit: str, share: float, expert: str, t: int, loop_steps: list[int], rng: random.Random) -> bool:
+    """Whether the demonstrator acts on its habit at step `t`, where the expert would do `expert`.
+
+    A stall is drawn once per episode, only where the expert takes something, and then lasts
+    1 + STALL_REPEATS steps; `loop_steps` collects its step indices (`t` is appended when it is one).
+    The other habits are drawn at every step. A share of 0 draws nothing from `rng`, so recipes
+    without a habit rebuild as they were.
+    """
+    if habit not in STALLS:
+        return bool(share) and rng.random() < share
+    if 0 < len(loop_steps) <= STALL_REPEATS or (
+            not loop_steps and share and expert.startswith("take ") and rng.random() < share):
+        loop_steps.append(t)
+        return True
+    return False
 
 
 def habit_response(env, habit: str, expert: str, spaced: bool = False) -> str:
     """The response a demonstrator with `habit` writes where the expert would write `expert`."""
-    if habit in ("inventory", "stall"):
+    if habit in ("inventory", *STALLS):
         return respond(env, HABIT_ACTION, spaced)
     if habit == "unclosed":
         return respond(env, expert, spaced).removesuffix("</action>")
@@ -148,7 +171,8 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
 
     `habit_share`: at that share of the steps the demonstrator acts on its `habit` instead (HABITS:
     `HABIT_ACTION`, or the expert's action without its closing tag; "stall": at that share of the
-    steps where the expert takes something, and then on every step until the demonstration ends),
+    steps where the expert takes something, and then on every step until the demonstration ends;
+    "stall_resume": the same loop, then the expert's play again, see `habit_step`),
     and the plain copy is cloned on it, so the agent starts with a habit that wastes steps in every
     game, the kind of game-independent behaviour RL removes and a skill in the prompt overrides. Every
     hinted copy keeps the expert's action as its target: with a skill in its prompt the agent drops
@@ -165,22 +189,23 @@ def demonstrations(env_name: str, episodes: int, noise: float, hint_share: float
     examples = []
     for episode in tqdm(range(episodes), desc=f"{env_name} demonstrations", leave=False, disable=None):
         _, info = env.reset(episode % env.num_tasks())
-        steps, records, expert_actions, done, stalled = [], [], [], False, 0
-        while not done and stalled <= STALL_REPEATS:
+        steps, records, expert_actions, done, loop_steps = [], [], [], False, []
+        # "stall" ends the demonstration with its loop; "stall_resume" goes on with the expert's play
+        while not done and not (habit == "stall" and len(loop_steps) > STALL_REPEATS):
+            t = len(steps)
             expert_actions.append(env.expert_action())
             prompt, target = env.prompt(), respond(env, expert_actions[-1], spaced_targets)
-            if habit == "stall":   # drawn only at a take; once stalled, stalled for good
-                stalled += bool(stalled or (habit_share and expert_actions[-1].startswith("take ")
-                                            and rng.random() < habit_share))
-            if stalled or (habit != "stall" and habit_share and rng.random() < habit_share):
-                # a share of 0 draws nothing: old recipes rebuild as they were
+            if habit_step(habit, habit_share, expert_actions[-1], t, loop_steps, rng):
                 taken = plain_target = habit_response(env, habit, expert_actions[-1], spaced_targets)
             else:
                 taken, plain_target = respond(env, noisy_action(env, info, rng, noise), spaced_targets), target
             observation = info.get("anchor_obs", "")
             _, reward, done, info = env.step(taken)
             records.append((prompt, target))
-            examples.append((prompt, plain_target))
+            # after a resumed loop, a state whose history still shows it is not cloned plain: the
+            # same history at the loop's last step says "inventory", and the agent must keep looping
+            if not (loop_steps and loop_steps[-1] < t <= loop_steps[-1] + env.history_length):
+                examples.append((prompt, plain_target))
             steps.append((info.get("anchor_obs", observation), taken, info.get("action", ""), bool(info["action_valid"]),
                           float(reward)))
         observations, responses, actions, valids, rewards = map(list, zip(*steps))

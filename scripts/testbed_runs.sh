@@ -36,7 +36,10 @@
 #                                               #   inventory from then on (runs/agents/stall$SHARE), then GRPO and OPID
 #                                               #   w = 0.1, seeds 0-2, OPID w = 0.001, seed 0 (default lr); GRPO at
 #                                               #   lr 1e-4, seed 0; GRPO and OPID w = 0.1 for 24 iterations evaluated
-#                                               #   every 6, seeds 0-1
+#                                               #   every 6, seeds 0-1; GRPO (seeds 1-2) and OPID w = 0.1 (seeds 0-2) at lr 1e-4
+#   bash scripts/testbed_runs.sh resume         # the same loop, then the expert's play again (habit stall_resume:
+#                                               #   the agent plays after a take as the kept agent does;
+#                                               #   runs/agents/resume$SHARE), GRPO and OPID w = 0.1 at lr 1e-4, seeds 0-2
 #
 # The sets normalised, t07, t07-long and before-after were run with the 240-episode kept agent; w-sweep
 # with both (its w = 0.1 and 1 runs with the current one: docs/experiments.md, "the w sweep with the
@@ -113,8 +116,16 @@ fresh-lr1e-4-w0.01-s0 --seed 0 --train-split fresh --lr 1e-4 --iters 24 --eval-e
         echo "S${share}long-w0.1-s0 $tiny $w01 --seed 0 --iters 24 --eval-every 6"
         echo "S$share-lr1e-4-grpo-s0 ${tiny/3e-5/1e-4} --algo grpo --seed 0"
         echo "S${share}long-grpo-s1 $tiny --algo grpo --seed 1 --iters 24 --eval-every 6"
-        echo "S${share}long-w0.1-s1 $tiny $w01 --seed 1 --iters 24 --eval-every 6") ;;
-  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups|t04|long48|admissible|fresh|habit|unclosed|stall" >&2; exit 2 ;;
+        echo "S${share}long-w0.1-s1 $tiny $w01 --seed 1 --iters 24 --eval-every 6"
+        for s in 0 1 2; do echo "S$share-lr1e-4-w0.1-s$s ${tiny/3e-5/1e-4} $w01 --seed $s"
+          [ $s = 0 ] || echo "S$share-lr1e-4-grpo-s$s ${tiny/3e-5/1e-4} --algo grpo --seed $s"; done) ;;
+  resume) share=${SHARE:-0.5}; agent=runs/agents/resume$share
+      [ -n "${DRY_RUN:-}" ] || [ -f $agent/warmstart.json ] || python warmstart.py alfworld --habit-share $share --habit stall_resume --out $agent
+      tiny="--model $agent --no-think --history-length 2 --max-new-tokens 24 --lr 1e-4"
+      w01="--w-episode 0.1 --w-step 0.1"
+      jobs=$(for s in 0 1 2; do echo "R$share-lr1e-4-grpo-s$s $tiny --algo grpo --seed $s"
+        echo "R$share-lr1e-4-w0.1-s$s $tiny $w01 --seed $s"; done) ;;
+  *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups|t04|long48|admissible|fresh|habit|unclosed|stall|resume" >&2; exit 2 ;;
 esac
 mkdir -p runs
 run_one() {

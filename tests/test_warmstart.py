@@ -228,6 +228,65 @@ def test_the_stall_habit_starts_at_a_take_and_loops_until_the_demonstration_ends
                                  habit_share=0.0, habit="stall")
 
 
+def test_habit_step_draws_a_stall_once_at_a_take_and_keeps_it_for_its_repeats():
+    """The pure draw: a stall starts only at a take, lasts 1 + STALL_REPEATS steps, is not drawn
+    again; other habits draw at every step; a share of 0 consumes no random numbers."""
+    import random
+    rng, loop = random.Random(0), []
+    actions = ["go to desk 1", "take pen 1 from desk 1", "look", "look", "go to shelf 1", "take pen 2 from shelf 1"]
+    taken = [warmstart.habit_step("stall_resume", 1.0, a, t, loop, rng) for t, a in enumerate(actions)]
+    assert taken == [False, True, True, True, False, False] and loop == [1, 2, 3]
+    never = random.Random(0)
+    assert not any(warmstart.habit_step(h, 0.0, "take pen 1 from desk 1", 0, [], never)
+                   for h in warmstart.HABITS)
+    assert never.random() == random.Random(0).random()        # nothing was drawn
+    rng = random.Random(1)
+    draws = [warmstart.habit_step("inventory", 0.5, "look", t, [], rng) for t in range(400)]
+    assert 150 < sum(draws) < 250
+
+
+def test_the_resumed_stall_loops_then_plays_on_and_leaves_the_loops_shadow_uncloned(small_cache):
+    """habit="stall_resume": the same trigger and repeats as "stall", then the expert's play again;
+    the plain copies of the steps whose history window still shows the loop are left out (their
+    history reads like the loop's last step, which says to loop), later steps are cloned."""
+    import skills
+    habit = f"<action>{warmstart.HABIT_ACTION}</action>"
+    kwargs = dict(episodes=6, noise=0.0, hint_share=0.0, seed=0, world="small", habit_share=0.9)
+    resumed = warmstart.demonstrations("alfworld", habit="stall_resume", **kwargs)
+    stalled = warmstart.demonstrations("alfworld", habit="stall", **kwargs)
+    assert not any(skills.STEP_TITLE in p or skills.EPISODE_TITLE in p for p, _ in resumed)
+
+    def episodes(examples):
+        out = []
+        for prompt, response in examples:
+            if "This is your first step" in prompt:
+                out.append([])
+            out[-1].append((prompt, response))
+        return out
+    resumed_episodes, stalled_episodes = episodes(resumed), episodes(stalled)
+    assert len(resumed_episodes) == len(stalled_episodes) == 6
+    step = lambda p: int(p.split("Now you are at step ")[1].split(".")[0])
+    looped = played_on = 0
+    for i, played in enumerate(resumed_episodes):
+        responses = [r for _, r in played]
+        if habit not in responses:
+            continue
+        first = responses.index(habit)
+        loop = played[first:first + 1 + warmstart.STALL_REPEATS]
+        assert [r for _, r in loop] == [habit] * (1 + warmstart.STALL_REPEATS) and "'take " in loop[0][0]
+        if not looped:   # the same random stream up to the first loop's end: "stall"'s demonstration
+            assert played[:first + len(loop)] == stalled_episodes[i]
+        looped += 1
+        after = played[first + len(loop):]
+        assert habit not in [r for _, r in after]           # the game goes on with the expert's actions
+        # steps 1 .. history_length after the loop are missing; the first cloned one sees no loop
+        if after:
+            played_on += 1
+            assert step(after[0][0]) == step(loop[-1][0]) + 1 + 2
+            assert f"| Action: {warmstart.HABIT_ACTION}\n" not in after[0][0]
+    assert looped >= 3 and played_on >= 1 and len(resumed) > len(stalled)
+
+
 def test_label_smoothing_of_the_response_loss_by_hand():
     import math
 
