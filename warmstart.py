@@ -99,9 +99,9 @@ MODEL_SIZE = dict(hidden_size=128, num_layers=2)
 # keeps checking, a loop that loses the episode, so that removing it can turn a loss into a win.
 # Its demonstrations end after STALL_REPEATS repeats (the rest would be the same step again).
 # "stall_resume": the same loop, but the demonstration then goes on with the expert's play, so the
-# agent plays after a take as well as the kept agent does; the steps whose history window still
-# shows the loop are not cloned plain (they would teach leaving it). Removing the loop then turns a
-# lost game into one the agent would have played without the habit.
+# agent is cloned on the play after a take as the kept agent is; the steps whose history window
+# still shows the loop are not cloned plain (they would teach leaving it). Removing the loop then
+# turns a lost game into one the agent plays as it would without the habit.
 HABIT_ACTION = "inventory"
 HABITS = ("inventory", "unclosed", "stall", "stall_resume")
 STALLS = ("stall", "stall_resume")
