@@ -40,7 +40,7 @@
 #   bash scripts/testbed_runs.sh resume         # the same loop, then the expert's play again (habit stall_resume:
 #                                               #   cloned on the play after a take as the kept agent is;
 #                                               #   runs/agents/resume$SHARE), GRPO and OPID w = 0.1 at lr 1e-4, seeds
-#                                               #   0-4; OPID at the default w = 0.001, seed 0
+#                                               #   0-4; OPID at w = 0.001 (the default), 0.01 and 1, seed 0
 #
 # The sets normalised, t07, t07-long and before-after were run with the 240-episode kept agent; w-sweep
 # with both (its w = 0.1 and 1 runs with the current one: docs/experiments.md, "the w sweep with the
@@ -126,7 +126,8 @@ fresh-lr1e-4-w0.01-s0 --seed 0 --train-split fresh --lr 1e-4 --iters 24 --eval-e
       w01="--w-episode 0.1 --w-step 0.1"
       jobs=$(for s in 0 1 2 3 4; do echo "R$share-lr1e-4-grpo-s$s $tiny --algo grpo --seed $s"
         echo "R$share-lr1e-4-w0.1-s$s $tiny $w01 --seed $s"; done
-        echo "R$share-lr1e-4-opid-s0 $tiny --seed 0") ;;
+        echo "R$share-lr1e-4-opid-s0 $tiny --seed 0"
+        for w in 0.01 1; do echo "R$share-lr1e-4-w$w-s0 $tiny --w-episode $w --w-step $w --seed 0"; done) ;;
   *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups|t04|long48|admissible|fresh|habit|unclosed|stall|resume" >&2; exit 2 ;;
 esac
 mkdir -p runs
