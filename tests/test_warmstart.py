@@ -188,6 +188,16 @@ def test_the_unclosed_habit_writes_the_experts_action_without_its_closing_tag(sm
         [i for i, r in enumerate(inventory_plain) if r == f"<action>{warmstart.HABIT_ACTION}</action>"]
 
 
+def split_episodes(examples):
+    """Plain (prompt, response) examples split into episodes, each starting at its first step."""
+    episodes = []
+    for prompt, response in examples:
+        if "This is your first step" in prompt:
+            episodes.append([])
+        episodes[-1].append((prompt, response))
+    return episodes
+
+
 def test_the_stall_habit_starts_at_a_take_and_loops_until_the_demonstration_ends(small_cache):
     """habit="stall": drawn only where the expert takes something; the demonstrator then checks its
     inventory on every step, and its demonstration ends after STALL_REPEATS repeats. Hinted copies of
@@ -200,12 +210,7 @@ def test_the_stall_habit_starts_at_a_take_and_loops_until_the_demonstration_ends
     hinted = [(p, r) for p, r in examples if skills.STEP_TITLE in p or skills.EPISODE_TITLE in p]
     plain = [(p, r) for p, r in examples if (p, r) not in hinted]
     assert hinted and all(r != habit for _, r in hinted)
-    # split the plain examples into episodes (each starts at its first step)
-    episodes = []
-    for prompt, response in plain:
-        if "This is your first step" in prompt:
-            episodes.append([])
-        episodes[-1].append((prompt, response))
+    episodes = split_episodes(plain)
     assert len(episodes) == 6
     stalled = [e for e in episodes if any(r == habit for _, r in e)]
     assert len(stalled) >= 3         # 0.9 at every take: most episodes stall
@@ -255,15 +260,7 @@ def test_the_resumed_stall_loops_then_plays_on_and_leaves_the_loops_shadow_unclo
     resumed = warmstart.demonstrations("alfworld", habit="stall_resume", **kwargs)
     stalled = warmstart.demonstrations("alfworld", habit="stall", **kwargs)
     assert not any(skills.STEP_TITLE in p or skills.EPISODE_TITLE in p for p, _ in resumed)
-
-    def episodes(examples):
-        out = []
-        for prompt, response in examples:
-            if "This is your first step" in prompt:
-                out.append([])
-            out[-1].append((prompt, response))
-        return out
-    resumed_episodes, stalled_episodes = episodes(resumed), episodes(stalled)
+    resumed_episodes, stalled_episodes = split_episodes(resumed), split_episodes(stalled)
     assert len(resumed_episodes) == len(stalled_episodes) == 6
     step = lambda p: int(p.split("Now you are at step ")[1].split(".")[0])
     looped = played_on = 0
