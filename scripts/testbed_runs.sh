@@ -11,7 +11,8 @@
 #   bash scripts/testbed_runs.sh paired         # OPID (w = $W, default 0.01) on seeds 1-4, GRPO on seeds 3 and 4 too
 #   bash scripts/testbed_runs.sh t07            # GRPO and OPID (w = 0.001 and 0.01) with rollouts at T = 0.7, seeds 0-2
 #   bash scripts/testbed_runs.sh t07-long       # GRPO and OPID (w = 0.01) at T = 0.7, 24 iterations, evaluated every 6
-#   bash scripts/testbed_runs.sh default        # the default runs themselves, GRPO and OPID, seeds 0-2
+#   bash scripts/testbed_runs.sh default        # the default runs themselves (the kept loop-and-play agent, lr 1e-4),
+#                                               #   GRPO and OPID, seeds 0-2
 #   bash scripts/testbed_runs.sh lr             # GRPO and OPID (w = 0.01) at lr 3e-5 (the default), 1e-4, 3e-4, seed 0;
 #                                               #   and at lr 1e-4 for 24 iterations, evaluated every 12
 #   bash scripts/testbed_runs.sh updates        # GRPO and OPID (w = 0.01), seed 0, lr 1e-4 with 2 passes of 64-sample
@@ -40,12 +41,15 @@
 #   bash scripts/testbed_runs.sh resume         # the same loop, then the expert's play again (habit stall_resume:
 #                                               #   cloned on the play after a take as the kept agent is;
 #                                               #   runs/agents/resume$SHARE), GRPO and OPID w = 0.1 at lr 1e-4, seeds
-#                                               #   0-4; OPID at w = 0.001 (the default), 0.01 and 1, seed 0
+#                                               #   0-4; OPID at w = 0.001 (the default), 0.01 and 1, seeds 0-2
+#                                               #   (the same flags and bits as `python train.py`: it is the kept agent);
+#                                               #   GRPO and OPID (w = 0.001) for 24 iterations evaluated every 6, seed 0
 #
-# The sets normalised, t07, t07-long and before-after were run with the 240-episode kept agent; w-sweep
-# with both (its w = 0.1 and 1 runs with the current one: docs/experiments.md, "the w sweep with the
-# stronger agent"); lr, default, paired, updates, groups, t04, long48, admissible and fresh with the current
-# 480-episode one.
+# Every set but default, habit, unclosed, stall and resume ran before the loop-and-play agent was kept,
+# at the then-default lr 3e-5: they run on the earlier kept agent (the same recipe without the habit,
+# built once into runs/agents/plain, 20-40 min; its kept copy had sha256 550fb64c...) at lr 3e-5 unless
+# the job names another. The sets normalised, t07, t07-long and before-after were run with the older
+# 240-episode agent, w-sweep with both (docs/experiments.md, "the w sweep with the stronger agent").
 #
 # DRY_RUN=1 prints the train.py commands instead of running them.
 # Two runs at a time, one torch thread each (about 300-450 s per run on 2 cores). A run whose
@@ -126,9 +130,17 @@ fresh-lr1e-4-w0.01-s0 --seed 0 --train-split fresh --lr 1e-4 --iters 24 --eval-e
       w01="--w-episode 0.1 --w-step 0.1"
       jobs=$(for s in 0 1 2 3 4; do echo "R$share-lr1e-4-grpo-s$s $tiny --algo grpo --seed $s"
         echo "R$share-lr1e-4-w0.1-s$s $tiny $w01 --seed $s"; done
-        echo "R$share-lr1e-4-opid-s0 $tiny --seed 0"
-        for w in 0.01 1; do echo "R$share-lr1e-4-w$w-s0 $tiny --w-episode $w --w-step $w --seed 0"; done) ;;
+        for s in 0 1 2; do echo "R$share-lr1e-4-opid-s$s $tiny --seed $s"
+          for w in 0.01 1; do echo "R$share-lr1e-4-w$w-s$s $tiny --w-episode $w --w-step $w --seed $s"; done; done
+        echo "R${share}long-grpo-s0 $tiny --algo grpo --seed 0 --iters 24 --eval-every 6"
+        echo "R${share}long-opid-s0 $tiny --seed 0 --iters 24 --eval-every 6") ;;
   *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups|t04|long48|admissible|fresh|habit|unclosed|stall|resume" >&2; exit 2 ;;
+esac
+case "$1" in
+  default|habit|unclosed|stall|resume) ;;
+  *) agent=runs/agents/plain   # the earlier kept agent (see above); a job's own --lr comes later and wins
+     [ -n "${DRY_RUN:-}" ] || [ -f $agent/warmstart.json ] || python warmstart.py alfworld --habit-share 0 --out $agent
+     jobs=$(echo "$jobs" | sed "s|^\([^ ]*\) |\1 --model $agent --no-think --history-length 2 --max-new-tokens 24 --lr 3e-5 |") ;;
 esac
 mkdir -p runs
 run_one() {
