@@ -64,7 +64,7 @@ RECIPE_DEFAULTS = dict(
     action_hint_share=0.0,  # share of steps also cloned with a step hint naming the expert's action
     label_smoothing=0.0,    # of the response loss: a less certain agent explores in its rollouts
     habit_share=0.0,        # ALFWorld: share of steps the demonstrator wastes on its habit (and is cloned on)
-    habit="inventory",      # which habit (HABITS): a wasted valid command, or the expert's action left unclosed
+    habit="inventory",      # which habit (HABITS, below): a wasted command, an unclosed action, a loop
 )
 RECIPES = {
     # small worlds; every train game twice (two noisy plays); half the steps also cloned with the hint
