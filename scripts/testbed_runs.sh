@@ -43,7 +43,7 @@
 #                                               #   runs/agents/resume$SHARE), GRPO and OPID w = 0.1 at lr 1e-4, seeds
 #                                               #   0-4; OPID at w = 0.001 (the default), 0.01 and 1, seeds 0-2
 #                                               #   (the same flags and bits as `python train.py`: it is the kept agent);
-#                                               #   GRPO and OPID (w = 0.001) for 24 iterations evaluated every 6, seeds 0-1
+#                                               #   GRPO and OPID (w = 0.001) for 24 iterations evaluated every 6, seeds 0-2
 #
 # Every set but default, habit, unclosed, stall and resume ran before the loop-and-play agent was kept,
 # at the then-default lr 3e-5: they run on the earlier kept agent (the same recipe without the habit,
@@ -132,7 +132,7 @@ fresh-lr1e-4-w0.01-s0 --seed 0 --train-split fresh --lr 1e-4 --iters 24 --eval-e
         echo "R$share-lr1e-4-w0.1-s$s $tiny $w01 --seed $s"; done
         for s in 0 1 2; do echo "R$share-lr1e-4-opid-s$s $tiny --seed $s"
           for w in 0.01 1; do echo "R$share-lr1e-4-w$w-s$s $tiny --w-episode $w --w-step $w --seed $s"; done; done
-        for s in 0 1; do echo "R${share}long-grpo-s$s $tiny --algo grpo --seed $s --iters 24 --eval-every 6"
+        for s in 0 1 2; do echo "R${share}long-grpo-s$s $tiny --algo grpo --seed $s --iters 24 --eval-every 6"
           echo "R${share}long-opid-s$s $tiny --seed $s --iters 24 --eval-every 6"; done) ;;
   *) echo "usage: bash scripts/testbed_runs.sh default|before-after|w-sweep|normalised|paired|t07|t07-long|lr|updates|groups|t04|long48|admissible|fresh|habit|unclosed|stall|resume" >&2; exit 2 ;;
 esac
