@@ -101,7 +101,7 @@ MODEL_SIZE = dict(hidden_size=128, num_layers=2)
 # keeps checking, a loop that loses the episode, so that removing it can turn a loss into a win.
 # Its demonstrations end after STALL_REPEATS repeats (the rest would be the same step again).
 # "stall_resume": the same loop, but the demonstration then goes on with the expert's play, so the
-# agent is cloned on the play after a take as the kept agent is; the steps whose history window
+# agent is cloned on the play after a take as an agent without the habit is; the steps whose history window
 # still shows the loop are not cloned plain (they would teach leaving it). Removing the loop then
 # turns a lost game into one the agent plays as it would without the habit.
 HABIT_ACTION = "inventory"
